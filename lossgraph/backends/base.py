@@ -1,0 +1,48 @@
+"""What every backend receives (KernelSource) and returns (Artifact)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import codegen
+from ..build import Variant
+from ..config import Spec
+from ..ir import Graph
+
+
+@dataclass
+class KernelSource:
+    """The fused kernel body of one variant, with what a renderer needs to know about it."""
+
+    body: Graph
+    spec: Spec
+    variant: Variant
+    graph_hash: str
+    backend: str
+
+    @property
+    def fn_name(self) -> str:
+        return f"{self.spec.name.lower()}_{self.graph_hash[:10]}"
+
+    def header(self, prefix: str) -> str:
+        return codegen.header(prefix, self.spec.config(), self.variant.tag(), self.graph_hash,
+                              self.backend)
+
+    def tensor_param(self, name: str) -> bool:
+        """Runtime scalars passed by value are floats; everything else is a tensor."""
+        return not (name == "denom" and self.variant.denom == "value")
+
+
+@dataclass
+class Artifact:
+    """A compiled kernel: `fn(*inputs in signature order) -> loss or (loss, grad)`."""
+
+    fn: Callable
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def signature(body: Graph) -> list[str]:
+    """Kernel parameter names: pred first, then the other inputs by name."""
+    names = {ld.name for ld in body.inputs()}
+    return ["pred"] * ("pred" in names) + sorted(names - {"pred"})

@@ -1,0 +1,183 @@
+"""TorchScript backend: the fused kernel body rendered as one function of torch ops.
+
+Note [TorchScript fallback]: TorchScript is deprecated upstream (warnings from 2.10, FutureWarning
+from 2.14). We script the generated source with those warnings silenced, and if scripting fails
+the very same source runs as plain Python, so the backend keeps working when TorchScript goes.
+"""
+from __future__ import annotations
+
+import math
+import types
+import warnings
+
+import torch
+
+from .. import codegen
+from ..ir import Graph, Load
+from ..ops import Level, Op
+from .base import Artifact, KernelSource, signature
+
+TORCH: dict[Op, str] = {
+    Op.NEG: "-{0}", Op.ABS: "torch.abs({0})", Op.SIGN: "torch.sign({0})", Op.EXP: "torch.exp({0})",
+    Op.LOG: "torch.log({0})", Op.LOG1P: "torch.log1p({0})", Op.SQRT: "torch.sqrt({0})",
+    Op.SIGMOID: "torch.sigmoid({0})", Op.LOGSIGMOID: "F.logsigmoid({0})",
+    Op.SOFTPLUS: "torch.clamp({0}, min=0.0) + torch.log1p(torch.exp(-torch.abs({0})))",
+    Op.FLOOR: "torch.floor({0})", Op.ATAN: "torch.atan({0})", Op.ASIN: "torch.asin({0})",
+    Op.COS: "torch.cos({0})", Op.SIN: "torch.sin({0})", Op.TANH: "torch.tanh({0})",
+    Op.RECIP: "torch.reciprocal({0})", Op.FLOAT: "{0}.to(cdt)", Op.NOT: "torch.logical_not({0})",
+    Op.STOPGRAD: "{0}",
+    Op.ADD: "{0} + {1}", Op.SUB: "{0} - {1}", Op.MUL: "{0} * {1}", Op.DIV: "{0} / {1}",
+    Op.POW: "torch.pow({0}, {1})", Op.MINIMUM: "torch.minimum({0}, {1})",
+    Op.MAXIMUM: "torch.maximum({0}, {1})", Op.LT: "{0} < {1}", Op.LE: "{0} <= {1}",
+    Op.GT: "{0} > {1}", Op.GE: "{0} >= {1}", Op.EQ: "{0} == {1}", Op.NE: "{0} != {1}",
+    Op.AND: "torch.logical_and({0}, {1})", Op.OR: "torch.logical_or({0}, {1})",
+    Op.WHERE: "torch.where({0}, {1}, {2})", Op.CLAMP: "torch.clamp({0}, min={1}, max={2})",
+    Op.BCE_LOGITS: "F.binary_cross_entropy_with_logits({0}, {1}, reduction='none')",
+    Op.BCE_PROB: "F.binary_cross_entropy({0}, {1}, reduction='none')",
+    Op.ROWSUM: "torch.sum({0}, -1, keepdim=True)", Op.ROWMAX: "torch.amax({0}, -1, keepdim=True)",
+    Op.ROWLSE: "torch.logsumexp({0}, -1, keepdim=True)",
+    Op.WEIGHT: "{0} * {1}", Op.SCALE: "{0} * {arg}",
+    Op.IOTA: "torch.arange(pred.shape[-1], device=pred.device)",
+}
+# Forms used when an operand is a Python constant and torch wants a tensor there.
+WITH_CONST = {
+    Op.MINIMUM: ("torch.clamp({0}, max={1})", "torch.clamp({1}, max={0})"),
+    Op.MAXIMUM: ("torch.clamp({0}, min={1})", "torch.clamp({1}, min={0})"),
+    Op.POW: ("torch.pow({0}, {1})", "torch.pow(torch.full_like(pred, {0}), {1})"),
+    Op.BCE_LOGITS: ("F.binary_cross_entropy_with_logits({0}, torch.full_like({0}, {1}), "
+                    "reduction='none')", None),
+    Op.BCE_PROB: ("F.binary_cross_entropy({0}, torch.full_like({0}, {1}), reduction='none')", None),
+}
+
+
+def literal(v) -> str:
+    """A Python literal for a constant (inf and nan spelled so TorchScript accepts them)."""
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "float('nan')"
+    if math.isinf(v):
+        return "float('inf')" if v > 0 else "float('-inf')"
+    return repr(float(v))
+
+
+def input_name(ld: Load) -> str:
+    return ld.name if ld.comp is None else f"{ld.name}[:, {ld.comp}:{ld.comp + 1}]"
+
+
+def _expr(body: Graph, i: int, names: dict[int, str]) -> str:
+    n = body[i]
+    args = [names[s] for s in n.srcs]
+    consts = [body[s].op is Op.CONST for s in n.srcs]
+    if n.op is Op.BCE_LOGITS and len(args) == 3:
+        return f"F.binary_cross_entropy_with_logits({args[0]}, {args[1]}, pos_weight={args[2]}, " \
+               "reduction='none')"
+    if n.op in WITH_CONST and any(consts):
+        form = WITH_CONST[n.op][0 if consts[-1] else 1]
+        if form is None:
+            raise NotImplementedError(f"{n.op.value} with a constant first operand")
+        return form.format(*args)
+    if n.op is Op.REDUCE:
+        return {"none": "{0}", "sum": "torch.sum({0})", "mean": "torch.sum({0}) / {1}"}[n.arg] \
+            .format(*args)
+    if n.op is Op.OUTPUT:
+        return args[0]
+    return TORCH[n.op].format(*args, arg=literal(n.arg) if n.op is Op.SCALE else None)
+
+
+def render(src: KernelSource) -> str:
+    """Render the fused body as TorchScript source computing (loss, grad) in one function."""
+    body = src.body
+    names: dict[int, str] = {}
+    lines: list[str] = []
+    levels = body.levels()
+    for i in body.topo():
+        n = body[i]
+        if n.op is Op.INPUT:
+            names[i] = input_name(n.arg)
+        elif n.op is Op.CONST:
+            names[i] = literal(n.arg)
+        elif n.op is Op.OUTPUT:
+            names[i] = names[n.srcs[0]]
+        else:
+            names[i] = f"v{len(lines)}"
+            lines.append(f"{names[i]} = {_expr(body, i, names)}")
+    outs = body.outputs()
+    loss = names[outs["loss"]]
+    rets = [loss]
+    if "grad" in outs:
+        g = names[outs["grad"]]
+        if levels[body[outs["grad"]].srcs[0]] is not Level.ELEM or body[outs["grad"]].srcs[0] in \
+                [s for s in body.ids() if body[s].op is Op.CONST]:
+            g = f"torch.zeros_like(pred) + {g}"
+        lines.append(f"grad = ({g}).to(pred.dtype)")
+        rets.append("grad")
+    params = [(p, "Tensor" if src.tensor_param(p) else "float") for p in signature(body)]
+    return codegen.render("torchscript/kernel.py.j2", header=src.header("#"),
+                          fn=src.fn_name, params=params, lines=lines, rets=rets,
+                          ret_type="Tuple[Tensor, Tensor]" if len(rets) == 2 else "Tensor")
+
+
+SUFFIX = ".py"
+
+
+def available(device: str) -> bool:
+    return True
+
+
+def components(v) -> dict:
+    return {}
+
+
+def load(meta, source: str, folder) -> Artifact:
+    """Script the generated source (warnings silenced); fall back to running it as Python."""
+    module = types.ModuleType(f"lossgraph_generated_{meta.fn_name}")
+    code = compile(source, f"<lossgraph {meta.fn_name}>", "exec")
+    exec(code, module.__dict__)
+    fn = module.__dict__[meta.fn_name]
+    scripted = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn = torch.jit.script(fn)
+            scripted = True
+    except Exception:  # noqa: BLE001 - TorchScript refused it: the same source runs as Python
+        pass
+    return Artifact(fn=fn, source=source, info={"scripted": scripted})
+
+
+def arguments(call, meta) -> list:
+    """Kernel arguments in the TorchScript layout: elem (R,K), row (R,1), col (K,), scalars 0-d."""
+    compute = torch.float64 if call.pred.dtype == torch.float64 else torch.float32
+    pred = call.pred.detach().reshape(call.rows, call.width)
+    if pred.dtype != compute:
+        pred = pred.to(compute)
+    access = {"label": "row", "target": "elem", "weight": call.weight_access}
+    args = []
+    for name in meta.params:
+        if name == "pred":
+            args.append(pred)
+        elif name == "denom":
+            args.append(call.denom)
+        elif name in meta.tables:
+            args.append(torch.tensor(meta.tables[name], dtype=compute, device=pred.device))
+        else:
+            t = call.tensors[name]
+            if name == "target" and t.dtype != compute:
+                t = t.to(compute)  # target.type_as(pred), as MMDetection does
+            kind = access.get(name, "row")
+            shape = {"elem": (call.rows, call.width), "row": (call.rows, 1), "col": (call.width,),
+                     "scalar": ()}[kind]
+            args.append(t.reshape(shape))
+    return args
+
+
+def run(artifact: Artifact, call, meta):
+    """Call the scripted kernel; returns (loss, grad or None)."""
+    out = artifact.fn(*arguments(call, meta))
+    if meta.variant.grad:
+        loss, grad = out
+        return loss, grad.reshape(call.pred.shape)
+    return out, None

@@ -1,0 +1,160 @@
+"""Stages 2-7 for one loss: build the IR of a variant, run the passes, render, compile and cache."""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, backends, cache, dump, passes
+from .backends.base import Artifact, KernelSource, signature
+from .build import Variant, build
+from .config import Spec
+from .errors import BackendError
+from .ops import Level, Op
+
+
+@dataclass
+class KernelMeta:
+    """What running a kernel needs to know, without its IR: name, variant, parameters, level."""
+
+    fn_name: str
+    variant: Variant
+    params: list[str]
+    loss_level: Level
+    tables: dict[str, tuple] = field(default_factory=dict)
+
+
+@dataclass
+class CompiledVariant:
+    """One specialization, ready to run; its IR stages are rebuilt on demand after a disk hit."""
+
+    meta: KernelMeta
+    source: str
+    artifact: Artifact
+    backend: backends.Backend
+    restage: Callable[[], list]
+    _stages: list | None = None
+
+    @property
+    def stages(self) -> list:
+        if self._stages is None:
+            self._stages = self.restage()
+        return self._stages
+
+    @property
+    def graph(self):
+        return self.stages[-1][1]
+
+    def run(self, call) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.backend.run(self.artifact, call, self.meta)
+
+
+class Compiler:
+    """Compiles and caches the variants of one loss spec for one backend choice."""
+
+    def __init__(self, spec: Spec, backend: str = "auto", dump_dir: str | None = None):
+        if backend != "auto":
+            backends.get(backend)  # validates the name
+        self.spec, self.backend, self.dump_dir = spec, backend, dump_dir
+        self._variants: dict[Variant, CompiledVariant] = {}
+        self._levels: dict[tuple, Level] = {}
+        self._fallback_warned = False
+        self.default_variant()  # traces the math once, so config errors surface at compile()
+
+    def backend_for(self, device: str) -> str:
+        return backends.auto(device) if self.backend == "auto" else self.backend
+
+    def default_variant(self) -> Variant:
+        """The variant shown before any call: the config's reduction, no weight, with a gradient."""
+        target = "dense" if self.spec.loss.target == "dense" else "labels"
+        v = Variant(reduction=self.spec.reduction, target=target)
+        self.loss_level(target, ())
+        return v
+
+    def loss_level(self, target: str, params: tuple) -> Level:
+        """Whether the loss has one value per element or per row (for weights and 'none')."""
+        key = (target, params)
+        if key not in self._levels:
+            g = build(self.spec, Variant(reduction="none", target=target, grad=False, params=params))
+            red = g.find(Op.REDUCE)[0]
+            self._levels[key] = g.levels()[g[red].srcs[0]]
+        return self._levels[key]
+
+    def stages(self, v: Variant) -> list:
+        return passes.run(build(self.spec, v), v)
+
+    def get(self, v: Variant) -> CompiledVariant:
+        """The compiled kernel of variant v: from memory, from disk, or freshly generated."""
+        cv = self._variants.get(v)
+        if cv is not None:
+            cache.STATS["memory_hits"] += 1
+            return cv
+        name = self.backend_for(v.device)
+        try:
+            cv = self._compile(v, backends.get(name))
+        except BackendError as e:
+            if name == "torchscript":
+                raise
+            if not self._fallback_warned:
+                warnings.warn(f"lossgraph: the {name} backend failed for {self.spec.name} "
+                              f"({e}); falling back to torchscript", stacklevel=3)
+                self._fallback_warned = True
+            cv = self._compile(v, backends.get("torchscript"))
+        self._variants[v] = cv
+        return cv
+
+    def _components(self, v: Variant, be: backends.Backend) -> dict[str, Any]:
+        return {"schema": cache.SCHEMA, "lossgraph": __version__, "backend": be.name,
+                "spec": self.spec.key(), "variant": repr(v), "torch": torch.__version__,
+                **be.components(v)}
+
+    def _compile(self, v: Variant, be: backends.Backend) -> CompiledVariant:
+        comps = self._components(v, be)
+        key = cache.digest(comps)
+        folder = cache.entry_dir(be.name, key)
+        hit = cache.load(be.name, key)
+        stages = None
+        if hit is not None:
+            meta_d, source = hit
+            meta = KernelMeta(meta_d["fn_name"], v, meta_d["params"], Level(meta_d["loss_level"]),
+                              {k: tuple(t) for k, t in meta_d["tables"].items()})
+            try:
+                artifact = be.load(meta, source, folder)
+                cache.STATS["disk_hits"] += 1
+            except BackendError:
+                hit = None
+        if hit is None:
+            cache.STATS["misses"] += 1
+            stages = self.stages(v)
+            source, meta = self._render(v, be, stages)
+            cache.STATS["renders"] += 1
+            cache.store(be.name, key, comps, source, "source" + be.suffix,
+                        {"fn_name": meta.fn_name, "params": meta.params,
+                         "loss_level": int(meta.loss_level), "tables": meta.tables})
+            artifact = be.load(meta, source, folder)
+        cv = CompiledVariant(meta, source, artifact, be, lambda: self.stages(v), stages)
+        root = dump.dump_root(self.dump_dir)
+        if root:
+            self.dump(cv, Path(root) / self.spec.name / f"{be.name}.{v.tag()}")
+        return cv
+
+    def _render(self, v: Variant, be: backends.Backend, stages) -> tuple[str, KernelMeta]:
+        fused = stages[-1][1]
+        body = passes.kernel_body(fused)
+        red = body.find(Op.REDUCE)[0]
+        src = KernelSource(body, self.spec, v, fused.digest(), be.name)
+        meta = KernelMeta(src.fn_name, v, signature(body), body.levels()[body[red].srcs[0]],
+                          dict(body.tables))
+        return be.render(src), meta
+
+    def dump(self, cv: CompiledVariant, path) -> list[str]:
+        """Write config, every IR stage (text and dot) and the source into folder `path`."""
+        extra = {"cache_key.json": json.dumps(self._components(cv.meta.variant, cv.backend),
+                                              indent=1, sort_keys=True)}
+        extra.update(cv.artifact.info.get("dump", {}))
+        return dump.write_stages(path, self.spec.config(), cv.stages, cv.source,
+                                 cv.backend.suffix, extra)

@@ -1,0 +1,82 @@
+"""Stage 1: an MMDetection loss config dict -> a validated, immutable Spec."""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .ops import REDUCTIONS
+from .registry import PIPELINE_KEYS, REGISTRY, LossDef
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed config: the loss definition, its hyperparameters and the pipeline keys."""
+
+    loss: LossDef
+    hyper: tuple[tuple[str, Any], ...]
+    reduction: str
+    loss_weight: float
+
+    @property
+    def name(self) -> str:
+        return self.loss.name
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.hyper)
+
+    def config(self) -> dict[str, Any]:
+        """The full config dict with every default filled in."""
+        return {"type": self.name, **{k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in self.hyper},
+                "reduction": self.reduction, "loss_weight": self.loss_weight}
+
+    def key(self) -> str:
+        """Canonical JSON of the config plus the loss definition's fingerprint."""
+        return json.dumps({"config": self.config(), "def": self.loss.fingerprint}, sort_keys=True)
+
+
+def closest(word: str, options, n: int = 3) -> str:
+    """'; did you mean X?' for the options closest to word, or ''."""
+    near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(x) for x in near)}?" if near else ""
+
+
+def parse(config: Mapping[str, Any]) -> Spec:
+    """Validate an MMDetection loss config (never mutating it) and return its Spec."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"a loss config must be a dict such as dict(type='FocalLoss'), "
+                          f"got {type(config).__name__}")
+    cfg = dict(config)
+    if "type" not in cfg:
+        raise ConfigError("loss config has no 'type' key, e.g. dict(type='FocalLoss')")
+    name = cfg.pop("type")
+    if not isinstance(name, str):
+        raise ConfigError(f"loss config 'type' must be a string, got {name!r}")
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown loss type '{name}'{closest(name, REGISTRY)} "
+                          f"(known: {', '.join(sorted(REGISTRY))})")
+    loss = REGISTRY[name]
+    for key in cfg:
+        if key not in loss.params and key not in PIPELINE_KEYS:
+            valid = sorted(list(loss.params) + list(PIPELINE_KEYS))
+            raise ConfigError(f"{name} got unknown config key '{key}'{closest(key, valid)} "
+                              f"(valid keys: {', '.join(valid)})")
+    hyper = tuple((k, p.check(name, cfg.get(k, p.default))) for k, p in loss.params.items())
+    return Spec(loss, hyper, check_reduction(name, cfg.get("reduction", "mean"), "reduction"),
+                _loss_weight(name, cfg.get("loss_weight", 1.0)))
+
+
+def check_reduction(name: str, value: Any, what: str) -> str:
+    """Raise ConfigError unless value is 'none', 'mean' or 'sum'."""
+    if value not in REDUCTIONS:
+        raise ConfigError(f"{name}: {what} must be one of 'none', 'mean', 'sum', got {value!r}")
+    return value
+
+
+def _loss_weight(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: config key 'loss_weight' must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,199 @@
+"""Per-call argument handling: validate tensors, resolve the target form, broadcast the weight,
+and turn avg_factor into the 'mean' denominator, exactly as MMDetection's pipeline does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import InputError
+from .ops import Level
+
+EPS32 = torch.finfo(torch.float32).eps  # MMDetection adds float32 eps to avg_factor, any dtype
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass
+class Call:
+    """One call, normalized: kernel inputs in canonical layouts plus what shapes the result."""
+
+    name: str
+    pred: torch.Tensor
+    target_form: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_access: str | None = None
+    reduction: str = "mean"
+    denom: Any = None                  # float, 0-d tensor, or None
+    out_dtype: torch.dtype = torch.float32
+    params: tuple = ()
+
+    @property
+    def width(self) -> int:
+        return self.pred.shape[-1] if self.pred.dim() else 1
+
+    @property
+    def rows(self) -> int:
+        return self.pred.numel() // max(self.width, 1)
+
+    def loss_shape(self, level: Level) -> torch.Size:
+        return self.pred.shape if level is Level.ELEM else self.pred.shape[:-1]
+
+
+def fail(name: str, msg: str):
+    raise InputError(f"{name}: {msg}")
+
+
+def check_pred(name: str, pred) -> torch.Tensor:
+    """pred must be a floating tensor with at least one dimension."""
+    if not isinstance(pred, torch.Tensor):
+        fail(name, f"pred must be a torch.Tensor, got {type(pred).__name__}")
+    if pred.dtype not in FLOATS:
+        fail(name, f"pred must be a floating tensor (float16/bfloat16/float32/float64), got {pred.dtype}")
+    if pred.dim() == 0:
+        fail(name, "pred must have at least one dimension, got a 0-d tensor")
+    return pred
+
+
+def _same_device(name: str, what: str, t: torch.Tensor, pred: torch.Tensor) -> None:
+    if t.device != pred.device:
+        fail(name, f"{what} is on {t.device} but pred is on {pred.device}")
+
+
+def target_form(name: str, declared: str, pred: torch.Tensor, target) -> str:
+    """'dense' (same shape as pred) or 'labels' (integer class per row), checked."""
+    if not isinstance(target, torch.Tensor):
+        fail(name, f"target must be a torch.Tensor, got {type(target).__name__}")
+    _same_device(name, "target", target, pred)
+    form = declared
+    if declared == "any":
+        form = "dense" if target.dim() == pred.dim() else "labels"
+    if form == "labels":
+        if target.dtype not in INTS:
+            fail(name, f"labels must be an integer tensor, got {target.dtype}")
+        if tuple(target.shape) != tuple(pred.shape[:-1]):
+            fail(name, f"labels of shape {tuple(target.shape)} do not match pred of shape "
+                       f"{tuple(pred.shape)}: expected {tuple(pred.shape[:-1])}")
+    else:
+        if tuple(target.shape) != tuple(pred.shape):
+            fail(name, f"target of shape {tuple(target.shape)} does not match pred of shape "
+                       f"{tuple(pred.shape)}")
+        if target.dtype not in FLOATS + INTS + (torch.bool,):
+            fail(name, f"target must be a numeric tensor, got {target.dtype}")
+    return form
+
+
+def check_label_range(name: str, labels: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Labels outside [lo, hi] raise InputError (checked on the CPU, where it costs no sync)."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return
+    mn, mx = int(labels.min()), int(labels.max())
+    if mn < lo or mx > hi:
+        fail(name, f"labels must be in [{lo}, {hi}] ({what}), got values in [{mn}, {mx}]")
+
+
+# -- weight broadcasting ------------------------------------------------------------------------
+
+def _classify(name: str, w: torch.Tensor, loss_shape: torch.Size, level: Level) -> tuple[str, torch.Tensor]:
+    """Raw `loss * weight` broadcasting: the weight must broadcast to the loss's own shape."""
+    try:
+        out = torch.broadcast_shapes(w.shape, loss_shape)
+    except RuntimeError:
+        out = None
+    if out != loss_shape:
+        fail(name, f"weight of shape {tuple(w.shape)} does not broadcast to the loss shape "
+                   f"{tuple(loss_shape)}")
+    if w.numel() == 1:
+        return "scalar", w.reshape(())
+    shape = (1,) * (len(loss_shape) - w.dim()) + tuple(w.shape)
+    if tuple(shape) == tuple(loss_shape):
+        return ("elem" if level is Level.ELEM else "row"), w.reshape(-1)
+    if level is Level.ELEM and shape[-1] == 1 and shape[:-1] == tuple(loss_shape[:-1]):
+        return "row", w.reshape(-1)
+    if level is Level.ELEM and all(s == 1 for s in shape[:-1]) and shape[-1] == loss_shape[-1]:
+        return "col", w.reshape(-1)
+    full = w.expand(loss_shape).reshape(-1)  # rare broadcast forms: materialize
+    return ("elem" if level is Level.ELEM else "row"), full
+
+
+def weight_raw(name, w, pred, loss_shape, level):
+    """weighted_loss: plain broadcasting of the weight against the loss."""
+    return _classify(name, w, loss_shape, level)
+
+
+def weight_focal(name, w, pred, loss_shape, level):
+    """focal_loss.py: a (N,) weight is viewed (N,1); else it must hold N*C values, viewed (N,C)."""
+    if w.shape != loss_shape:
+        n = loss_shape[0]
+        if w.dim() >= 1 and w.size(0) == n:
+            if w.numel() != n:
+                fail(name, f"weight of shape {tuple(w.shape)} must have shape ({n},) or "
+                           f"{tuple(loss_shape)}")
+            return "row", w.reshape(-1)
+        if w.numel() != loss_shape.numel():
+            fail(name, f"weight of shape {tuple(w.shape)} must have {n} or "
+                       f"{loss_shape.numel()} elements (pred is {tuple(loss_shape)})")
+        return "elem", w.reshape(-1)
+    return "elem", w.reshape(-1)
+
+
+def weight_rows(name, w, pred, loss_shape, level):
+    """One weight per row, repeated over the classes (CrossEntropyLoss with index labels)."""
+    if w.numel() != loss_shape[0]:
+        fail(name, f"weight of shape {tuple(w.shape)} must have one value per row "
+                   f"({loss_shape[0]})")
+    return "row", w.reshape(-1)
+
+
+def weight_iou(name, w, pred, loss_shape, level):
+    """iou_loss.py: a (N,4) weight is averaged over its last dim to (N,)."""
+    if w.dim() > 1:
+        if w.shape != pred.shape:
+            fail(name, f"weight of shape {tuple(w.shape)} must have shape {tuple(pred.shape)} "
+                       f"or ({pred.shape[0]},)")
+        w = w.mean(-1)
+    return _classify(name, w, loss_shape, level)
+
+
+WEIGHT_RULES: dict[str, Callable] = {"raw": weight_raw, "focal": weight_focal, "rows": weight_rows,
+                                     "iou": weight_iou}
+
+
+def bind_weight(call: Call, rule: str, w, level: Level, as_float: bool) -> None:
+    """Validate and broadcast the weight per the loss's rule; record access and result dtype."""
+    if not isinstance(w, torch.Tensor):
+        fail(call.name, f"weight must be a torch.Tensor or None, got {type(w).__name__}")
+    _same_device(call.name, "weight", w, call.pred)
+    if w.dtype not in FLOATS + INTS + (torch.bool,):
+        fail(call.name, f"weight must be a numeric tensor, got {w.dtype}")
+    if as_float:
+        w = w.float()
+    loss_shape = call.loss_shape(level)
+    access, t = WEIGHT_RULES[rule](call.name, w, call.pred, loss_shape, level)
+    call.weight_access = access
+    call.tensors["weight"] = t
+    wdt = t.dtype if t.dtype.is_floating_point else torch.float32
+    call.out_dtype = torch.promote_types(call.out_dtype, wdt)
+
+
+def bind_denominator(call: Call, avg_factor, level: Level) -> None:
+    """'mean' divides by avg_factor + eps32, or by the number of loss elements without it."""
+    if avg_factor is not None and call.reduction == "sum":
+        raise ValueError('avg_factor can not be used with reduction="sum"')
+    if call.reduction != "mean":
+        return
+    if avg_factor is None:
+        call.denom = float(call.loss_shape(level).numel())
+    elif isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1:
+            fail(call.name, f"avg_factor must be a number or a one-element tensor, got shape "
+                            f"{tuple(avg_factor.shape)}")
+        d = avg_factor.reshape(()) + EPS32
+        call.out_dtype = torch.promote_types(call.out_dtype, d.dtype)
+        call.denom = d
+    elif isinstance(avg_factor, (int, float)) and not isinstance(avg_factor, bool):
+        call.denom = float(avg_factor) + EPS32
+    else:
+        fail(call.name, f"avg_factor must be a number or a tensor, got {type(avg_factor).__name__}")

@@ -1,0 +1,131 @@
+"""Pass: constant folding and specialization, as small pattern -> rewrite rules.
+
+Each rule looks at one node and returns an existing node id to use instead, a new Node to put in
+its place, or None. Rules never reassociate floating-point math: the generated code evaluates the
+same operations in the same order as MMDetection's eager code, so values round the same way.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from ..build import Variant
+from ..ir import Graph, Node
+from ..ops import Op, Stage, stage_of
+from ..reference import fold_value
+
+Rewrite = Optional[Union[int, Node]]
+
+
+def _const(g: Graph, i: int):
+    n = g[i]
+    return n.arg if n.op is Op.CONST else None
+
+
+def _is(g: Graph, i: int, value) -> bool:
+    c = _const(g, i)
+    return c is not None and not isinstance(c, bool) and c == value
+
+
+def fold_constants(g: Graph, i: int, n: Node) -> Rewrite:
+    """An elementwise op whose operands are all constants becomes a constant."""
+    if stage_of(n.op) is not Stage.ELEMENTWISE or n.op in (Op.INPUT, Op.CONST, Op.IOTA) or \
+            n.op in (Op.ROWSUM, Op.ROWMAX, Op.ROWLSE, Op.STOPGRAD) or not n.srcs:
+        return None
+    values = [_const(g, s) for s in n.srcs]
+    if any(v is None for v in values):
+        return None
+    return Node(Op.CONST, (), fold_value(n.op, values))
+
+
+def identities(g: Graph, i: int, n: Node) -> Rewrite:
+    """x*1, 1*x, x/1, x+0, x-0 and pow(x, 1) are x; --x is x; where(True, a, b) is a."""
+    a = n.srcs
+    if n.op is Op.MUL and _is(g, a[1], 1.0):
+        return a[0]
+    if n.op is Op.MUL and _is(g, a[0], 1.0):
+        return a[1]
+    if n.op in (Op.DIV, Op.POW) and _is(g, a[1], 1.0):
+        return a[0]
+    if n.op in (Op.ADD, Op.SUB) and _is(g, a[1], 0.0):
+        return a[0]
+    if n.op is Op.ADD and _is(g, a[0], 0.0):
+        return a[1]
+    if n.op is Op.NEG and g[a[0]].op is Op.NEG:
+        return g[a[0]].srcs[0]
+    if n.op is Op.WHERE and isinstance(_const(g, a[0]), bool):
+        return a[1] if _const(g, a[0]) else a[2]
+    return None
+
+
+def specialize_pow(g: Graph, i: int, n: Node) -> Rewrite:
+    """pow(x, c) for the exponents torch's CPU pow kernel special-cases (gamma=2 -> x*x).
+
+    Note [Specialized pow]: torch evaluates x**2 as x*x, x**3 as x*x*x, x**0.5 as sqrt(x) and
+    x**0 as 1, and so do we: same values (and the same NaN for sqrt(-inf)), no pow call, and
+    the symbolic derivative of x*x is the 2*x that torch's pow_backward computes.
+    """
+    if n.op is not Op.POW:
+        return None
+    x, c = n.srcs[0], _const(g, n.srcs[1])
+    if c is None or isinstance(c, bool):
+        return None
+    if c == 0.0:
+        return Node(Op.CONST, (), 1.0)
+    if c == 2.0:
+        return Node(Op.MUL, (x, x))
+    if c == 3.0:
+        return Node(Op.MUL, (g.add(Op.MUL, (x, x)), x))
+    if c == 0.5:
+        return Node(Op.SQRT, (x,))
+    return None
+
+
+def stable_log_sigmoid(g: Graph, i: int, n: Node) -> Rewrite:
+    """log(sigmoid(x)) -> logsigmoid(x); log(1 - sigmoid(x)) -> logsigmoid(-x).
+
+    Note [Stable log-sigmoid]: in float32 sigmoid(x) rounds to 0 below x = -88 and 1 - sigmoid(x)
+    rounds to 0 above x = 17, so the log form returns -inf (and a NaN gradient) where the true
+    value is a finite -|x|. logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)) is exact everywhere.
+    """
+    if n.op is not Op.LOG:
+        return None
+    s = g[n.srcs[0]]
+    if s.op is Op.SIGMOID:
+        return Node(Op.LOGSIGMOID, s.srcs)
+    if s.op is Op.SUB and _is(g, s.srcs[0], 1.0) and g[s.srcs[1]].op is Op.SIGMOID:
+        return Node(Op.LOGSIGMOID, (g.add(Op.NEG, g[s.srcs[1]].srcs),))
+    return None
+
+
+def drop_unit_scale(g: Graph, i: int, n: Node) -> Rewrite:
+    """loss_weight == 1 disappears: scale(x, 1.0) is x."""
+    if n.op is Op.SCALE and n.arg == 1.0:
+        return n.srcs[0]
+    return None
+
+
+RULES: list[Callable[[Graph, int, Node], Rewrite]] = [
+    fold_constants, identities, specialize_pow, stable_log_sigmoid, drop_unit_scale]
+
+
+def specialize(g: Graph, v: Variant) -> Graph:
+    """Apply RULES until nothing changes, then drop dead nodes."""
+    g = g.copy()
+    changed = True
+    while changed:
+        changed = False
+        for i in g.topo():
+            if i not in g:
+                continue
+            for rule in RULES:
+                r = rule(g, i, g[i])
+                if r is None:
+                    continue
+                if isinstance(r, Node):
+                    g.replace(i, r)
+                else:
+                    g.redirect(i, r)
+                changed = True
+                break
+        g.prune()
+    return g

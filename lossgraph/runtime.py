@@ -1,0 +1,179 @@
+"""Stage 8: the runtime module. CompiledLoss has MMDetection's forward signature; each call is
+normalized (inputs.py), mapped to a Variant, and run through that variant's cached kernel.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import inputs as I
+from .build import Variant
+from .compiler import CompiledVariant, Compiler
+from .config import Spec, check_reduction
+from .ops import Level
+from .registry import ROLES
+
+
+def _signature(names: tuple[str, ...]) -> inspect.Signature:
+    params = []
+    for n in names:
+        if n == "**kwargs":
+            params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+        elif "=" in n:
+            k, _ = n.split("=")
+            params.append(inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+        else:
+            params.append(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return inspect.Signature(params)
+
+
+class _Fused(torch.autograd.Function):
+    """Forward runs the fused kernel (loss and gradient); backward only scales the gradient."""
+
+    @staticmethod
+    def forward(ctx, pred, run, shape, row_level):
+        loss, grad = run()
+        ctx.grad, ctx.row_level = grad, row_level
+        return loss.reshape(shape) if shape is not None else loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad = ctx.grad
+        if g.dim() == 0:
+            # Note [Zero-copy backward]: the usual grad_output of a scalar loss is exactly 1; then
+            # the kernel's gradient is handed over as a new tensor object sharing its storage, which
+            # autograd's accumulator adopts without copying. Checked on the CPU only (no sync).
+            if g.device.type == "cpu" and g.item() == 1.0:
+                return grad.detach(), None, None, None
+            return grad * g.to(grad.dtype), None, None, None
+        if ctx.row_level:
+            g = g.unsqueeze(-1)
+        return grad * g.to(grad.dtype), None, None, None
+
+
+class CompiledLoss(nn.Module):
+    """An nn.Module computing an MMDetection loss with generated, fused kernels."""
+
+    def __init__(self, spec: Spec, backend: str = "auto", dump_dir: str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.compiler = Compiler(spec, backend, dump_dir)
+        self.reduction = spec.reduction
+        self.loss_weight = spec.loss_weight
+        for k, v in spec.hyper:
+            if not hasattr(self, k):
+                setattr(self, k, v)
+        self._sig = _signature(spec.loss.forward)
+        if "init" in spec.loss.hooks:
+            spec.loss.hooks["init"](spec)
+        self._last: CompiledVariant | None = None
+        self._warned_grad = False
+
+    # -- inspection -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self.compiler.backend_for("cpu")
+
+    def _inspected(self) -> CompiledVariant:
+        if self._last is None:
+            self._last = self.compiler.get(self.compiler.default_variant())
+        return self._last
+
+    @property
+    def graph(self):
+        """The IR of the last specialization used (after every pass), printable as text."""
+        return self._inspected().graph
+
+    @property
+    def stages(self) -> list[tuple[str, Any]]:
+        """(pass name, graph) for the build and every pass, in pipeline order."""
+        return self._inspected().stages
+
+    @property
+    def source(self) -> str:
+        """The generated source of the last specialization used."""
+        return self._inspected().source
+
+    def dump(self, path: str) -> list[str]:
+        """Write every stage of the last specialization used into folder `path`."""
+        return self.compiler.dump(self._inspected(), path)
+
+    def extra_repr(self) -> str:
+        return f"type={self.spec.name}, reduction={self.reduction}, loss_weight={self.loss_weight}"
+
+    # -- calling ------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        try:
+            bound = self._sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.spec.name}.forward{self._sig}: {e}") from None
+        roles = {ROLES.get(k, k): v for k, v in bound.arguments.items() if k != "kwargs"}
+        extra = bound.arguments.get("kwargs", {})
+        return self._run(roles, extra)
+
+    def _run(self, a: dict[str, Any], extra: dict[str, Any]):
+        loss_def, name = self.spec.loss, self.spec.name
+        hooks = loss_def.hooks
+        pred = I.check_pred(name, a["pred"])
+        if "early_exit" in hooks:
+            out = hooks["early_exit"](self.spec, a)
+            if out is not None:
+                return out
+        override = a.get("reduction_override")
+        if override is not None:
+            check_reduction(name, override, "reduction_override")
+        call = I.Call(name, pred, "dense", reduction=override or self.spec.reduction,
+                      out_dtype=pred.dtype)
+        call.params = tuple((k, a[k]) for k in sorted(a) if k in loss_def.params and a[k] is not None)
+        if "bind_target" in hooks:
+            hooks["bind_target"](self.spec, call, a["target"])
+        else:
+            call.target_form = I.target_form(name, loss_def.target, pred, a["target"])
+            call.tensors["label" if call.target_form == "labels" else "target"] = a["target"]
+        if "check" in hooks:
+            hooks["check"](self.spec, call)
+        if "empty" in hooks and pred.numel() == 0:
+            return hooks["empty"](self.spec, call, a)
+        level = self.compiler.loss_level(call.target_form, call.params)
+        if a.get("weight") is not None:
+            rule = loss_def.weight if isinstance(loss_def.weight, str) else \
+                loss_def.weight[call.target_form]
+            I.bind_weight(call, rule, a["weight"], level, "weight_float" in loss_def.quirks)
+        avg = a.get("avg_factor")
+        if avg is None and call.reduction == "mean" and "avg_factor" in hooks:
+            avg = hooks["avg_factor"](self.spec, call)
+        I.bind_denominator(call, avg, level)
+        self._check_grad_inputs(call)
+        return self._launch(call, level)
+
+    def _launch(self, call: I.Call, level: Level):
+        v = Variant(reduction=call.reduction, target=call.target_form, weight=call.weight_access,
+                    grad=call.pred.requires_grad and torch.is_grad_enabled(),
+                    dtype=str(call.pred.dtype).replace("torch.", ""),
+                    label_dtype=str(call.tensors["label"].dtype).replace("torch.", "")
+                    if "label" in call.tensors else "int64",
+                    device=call.pred.device.type,
+                    denom="tensor" if isinstance(call.denom, torch.Tensor) else "value",
+                    params=call.params)
+        cv = self.compiler.get(v)
+        self._last = cv
+        shape = call.loss_shape(level) if call.reduction == "none" else None
+        if v.grad:
+            run = lambda: cv.run(call)  # noqa: E731
+            loss = _Fused.apply(call.pred, run, shape, level is Level.ROW and shape is not None)
+        else:
+            loss = cv.run(call)[0]
+            loss = loss.reshape(shape) if shape is not None else loss
+        return loss.to(call.out_dtype)
+
+    def _check_grad_inputs(self, call: I.Call) -> None:
+        others = [k for k, t in call.tensors.items() if k != "pred" and isinstance(t, torch.Tensor)
+                  and t.requires_grad]
+        if others and not self._warned_grad and torch.is_grad_enabled():
+            self._warned_grad = True
+            warnings.warn(f"{self.spec.name}: lossgraph differentiates with respect to pred only; "
+                          f"{', '.join(others)} require grad but get none", stacklevel=4)

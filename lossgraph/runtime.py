@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import inputs as I
 from .build import Variant
@@ -32,27 +33,33 @@ def _signature(names: tuple[str, ...]) -> inspect.Signature:
 
 
 class _Fused(torch.autograd.Function):
-    """Forward runs the fused kernel (loss and gradient); backward only scales the gradient."""
+    """Forward runs the fused kernel (loss and gradient); backward only scales the gradient.
+
+    Note [Zero-copy backward]: the kernel's gradient is handed to autograd once, without a copy:
+    backward releases its own reference first, so the accumulator adopts the tensor (and a
+    grad_output other than 1 scales it in place). Should backward run again on the same graph
+    (retain_graph=True), the gradient is recomputed by running the kernel again, never reused.
+    """
 
     @staticmethod
     def forward(ctx, pred, run, shape, row_level):
         loss, grad = run()
-        ctx.grad, ctx.row_level = grad, row_level
+        ctx.grad, ctx.run, ctx.row_level = grad, run, row_level
         return loss.reshape(shape) if shape is not None else loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
-        grad = ctx.grad
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            grad = ctx.run()[1]
         if g.dim() == 0:
-            # Note [Zero-copy backward]: the usual grad_output of a scalar loss is exactly 1; then
-            # the kernel's gradient is handed over as a new tensor object sharing its storage, which
-            # autograd's accumulator adopts without copying. Checked on the CPU only (no sync).
             if g.device.type == "cpu" and g.item() == 1.0:
-                return grad.detach(), None, None, None
-            return grad * g.to(grad.dtype), None, None, None
+                return grad, None, None, None
+            return grad.mul_(g.to(grad.dtype)), None, None, None
         if ctx.row_level:
             g = g.unsqueeze(-1)
-        return grad * g.to(grad.dtype), None, None, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None
 
 
 class CompiledLoss(nn.Module):

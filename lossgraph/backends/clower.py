@@ -175,15 +175,17 @@ def _name(num: dict[int, int], i: int) -> str:
 def _load(ld: Load, flat: bool) -> str:
     idx = "i" if flat else "(base + k)"
     if ld.comp is not None:
-        return f"p_{ld.name}[base + {ld.comp}]"
-    return {"elem": f"p_{ld.name}[{idx}]", "row": f"p_{ld.name}[r]", "col": f"p_{ld.name}[k]",
-            "scalar": f"s_{ld.name}"}[ld.access]
+        return f"lg_ld(p_{ld.name}[base + {ld.comp}])"
+    if ld.access == "scalar":
+        return f"s_{ld.name}"
+    at = {"elem": idx, "row": "r", "col": "k"}[ld.access]
+    return f"lg_ld(p_{ld.name}[{at}])"
 
 
 def scalar_loads(params) -> list[str]:
     """Per-call scalars: denom arrives by value, other scalar inputs as one-element arrays."""
     out = ["const T s_denom = (T)denom;"]
-    out += [f"const T s_{n} = p_{n}[0];" for _, n, a in params if a == "scalar" and n != "denom"]
+    out += [f"const T s_{n} = lg_ld(p_{n}[0]);" for _, n, a in params if a == "scalar" and n != "denom"]
     return out
 
 

@@ -108,10 +108,11 @@ def render(src: KernelSource) -> str:
     loss = names[outs["loss"]]
     rets = [loss]
     if "grad" in outs:
-        g = names[outs["grad"]]
-        if levels[body[outs["grad"]].srcs[0]] is not Level.ELEM or body[outs["grad"]].srcs[0] in \
-                [s for s in body.ids() if body[s].op is Op.CONST]:
+        g, root = names[outs["grad"]], body[body[outs["grad"]].srcs[0]]
+        if levels[body[outs["grad"]].srcs[0]] is not Level.ELEM or root.op is Op.CONST:
             g = f"torch.zeros_like(pred) + {g}"
+        elif root.op is Op.INPUT:
+            g = f"{g}.clone()"  # never hand an input tensor to autograd as the gradient
         lines.append(f"grad = ({g}).to(pred.dtype)")
         rets.append("grad")
     params = [(p, "Tensor" if src.tensor_param(p) else "float") for p in signature(body)]

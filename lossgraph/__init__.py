@@ -15,7 +15,7 @@ from .registry import REGISTRY, register_loss  # noqa: E402
 from .symbolic import (Sym, abs, asin, atan, bce_with_logits, binary_cross_entropy,  # noqa: E402,A004
                        class_index, clamp, cos, exp, floor, log, log1p, logsigmoid, logsumexp,
                        maximum, minimum, one_hot, rowmax, rowsum, sigmoid, sign, sin, softplus,
-                       sqrt, stop_gradient, take, tanh, to_float, where)
+                       sqrt, stop_gradient, take, tanh, to_float, where, width, rowmean)
 from . import losses as _builtin_losses  # noqa: E402,F401  (registers the MMDetection losses)
 from .runtime import CompiledLoss  # noqa: E402
 
@@ -34,5 +34,5 @@ __all__ = ["compile", "register_loss", "CompiledLoss", "ConfigError", "InputErro
            "BackendError", "known_losses", "Sym", "abs", "exp", "log", "log1p", "sqrt", "sigmoid",
            "logsigmoid", "softplus", "where", "minimum", "maximum", "clamp", "sign", "floor", "atan",
            "asin", "cos", "sin", "tanh", "stop_gradient", "rowsum", "rowmax", "logsumexp", "take",
-           "one_hot", "class_index", "to_float", "bce_with_logits", "binary_cross_entropy",
+           "one_hot", "class_index", "width", "rowmean", "to_float", "bce_with_logits", "binary_cross_entropy",
            "check", "is_labels", "per_class", "row_input", "scalar_input"]

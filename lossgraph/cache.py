@@ -1,7 +1,7 @@
 """Stage 7: the on-disk cache. Entries are keyed by a hash of named components, written atomically.
 
 Note [Cache keys]: the key is sha256 over a JSON dict of named components (schema, lossgraph
-version, backend, config + loss-definition fingerprint, variant, torch version and any backend
+version and a hash of its own source files, backend, config + loss-definition fingerprint, variant, torch version and any backend
 specifics such as the C compiler and its flags). The dict is stored beside the artifact as
 meta.json, so a miss can be explained by diffing two of them. A write goes to a temporary file
 that is renamed into place; an entry whose meta.json is missing, unreadable, or whose source no
@@ -9,14 +9,28 @@ longer matches its recorded hash is a miss, never a crash.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-SCHEMA = 1
+SCHEMA = 2
 STATS = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "renders": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash() -> str:
+    """A hash of lossgraph's own sources and templates: editing the compiler invalidates entries."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    tdirs = [root / "templates", root.parent / "templates"]
+    files = sorted(root.rglob("*.py")) + sorted(p for d in tdirs if d.is_dir() for p in d.rglob("*.j2"))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cache_dir() -> Path:

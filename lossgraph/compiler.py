@@ -26,6 +26,7 @@ class KernelMeta:
     params: list[str]
     loss_level: Level
     tables: dict[str, tuple] = field(default_factory=dict)
+    access: dict[str, str] = field(default_factory=dict)   # input name -> elem/row/col/scalar
 
 
 @dataclass
@@ -108,7 +109,8 @@ class Compiler:
         return cv
 
     def _components(self, v: Variant, be: backends.Backend) -> dict[str, Any]:
-        return {"schema": cache.SCHEMA, "lossgraph": __version__, "backend": be.name,
+        return {"schema": cache.SCHEMA, "lossgraph": __version__, "code": cache.code_hash(),
+                "backend": be.name,
                 "spec": self.spec.key(), "variant": repr(v), "torch": torch.__version__,
                 **be.components(v)}
 
@@ -119,14 +121,16 @@ class Compiler:
         hit = cache.load(be.name, key)
         stages = None
         if hit is not None:
-            meta_d, source = hit
-            meta = KernelMeta(meta_d["fn_name"], v, meta_d["params"], Level(meta_d["loss_level"]),
-                              {k: tuple(t) for k, t in meta_d["tables"].items()})
             try:
+                meta_d, source = hit
+                meta = KernelMeta(meta_d["fn_name"], v, list(meta_d["params"]),
+                                  Level(meta_d["loss_level"]),
+                                  {k: tuple(t) for k, t in meta_d["tables"].items()},
+                                  dict(meta_d["access"]))
                 artifact = be.load(meta, source, folder)
                 cache.STATS["disk_hits"] += 1
-            except BackendError:
-                hit = None
+            except (BackendError, KeyError, TypeError, ValueError):
+                hit = None  # an unreadable entry is a miss; it is rewritten below
         if hit is None:
             cache.STATS["misses"] += 1
             stages = self.stages(v)
@@ -134,7 +138,8 @@ class Compiler:
             cache.STATS["renders"] += 1
             cache.store(be.name, key, comps, source, "source" + be.suffix,
                         {"fn_name": meta.fn_name, "params": meta.params,
-                         "loss_level": int(meta.loss_level), "tables": meta.tables})
+                         "loss_level": int(meta.loss_level), "tables": meta.tables,
+                         "access": meta.access})
             artifact = be.load(meta, source, folder)
         cv = CompiledVariant(meta, source, artifact, be, lambda: self.stages(v), stages)
         root = dump.dump_root(self.dump_dir)
@@ -147,8 +152,10 @@ class Compiler:
         body = passes.kernel_body(fused)
         red = body.find(Op.REDUCE)[0]
         src = KernelSource(body, self.spec, v, fused.digest(), be.name)
+        access = {ld.name: ("row" if ld.comp is not None else ld.access) for ld in body.inputs()}
+        access = {k: ("elem" if k in ("pred", "target") else a) for k, a in access.items()}
         meta = KernelMeta(src.fn_name, v, signature(body), body.levels()[body[red].srcs[0]],
-                          dict(body.tables))
+                          dict(body.tables), access)
         return be.render(src), meta
 
     def dump(self, cv: CompiledVariant, path) -> list[str]:

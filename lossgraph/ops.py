@@ -12,6 +12,7 @@ class Op(enum.Enum):
     INPUT = "input"        # arg: Load(name, access, comp)
     CONST = "const"        # arg: a Python float, int or bool
     IOTA = "iota"          # the class (last-axis) index k of the current element
+    WIDTH = "width"        # the number of classes K (the length of the last axis), as a float
     # unary elementwise
     NEG = "neg"
     ABS = "abs"
@@ -105,6 +106,7 @@ INFO: dict[Op, OpInfo] = {
     Op.INPUT: OpInfo((0,), "s"),
     Op.CONST: OpInfo((0,), "s"),
     Op.IOTA: OpInfo((0,), "i"),
+    Op.WIDTH: OpInfo((0,), "f"),
     **{op: OpInfo((1,), "f") for op in UNARY_FLOAT},
     Op.FLOAT: OpInfo((1,), "f"),
     Op.NOT: OpInfo((1,), "b"),

@@ -48,7 +48,7 @@ EVAL: dict[Op, Callable] = {
     Op.WEIGHT: torch.mul,
 }
 # Ops with an attribute or a context, evaluated in `evaluate` itself.
-SPECIAL = (Op.INPUT, Op.CONST, Op.IOTA, Op.FLOAT, Op.REDUCE, Op.SCALE, Op.OUTPUT, Op.KERNEL)
+SPECIAL = (Op.INPUT, Op.CONST, Op.IOTA, Op.WIDTH, Op.FLOAT, Op.REDUCE, Op.SCALE, Op.OUTPUT, Op.KERNEL)
 
 
 def load(ld: Load, inputs: dict[str, torch.Tensor], tables: dict[str, tuple], dtype) -> torch.Tensor:
@@ -78,6 +78,8 @@ def evaluate(g: Graph, inputs: dict[str, torch.Tensor], dtype=torch.float64) -> 
             env[i] = torch.tensor(n.arg, dtype=torch.bool if isinstance(n.arg, bool) else dtype)
         elif n.op is Op.IOTA:
             env[i] = torch.arange(width)
+        elif n.op is Op.WIDTH:
+            env[i] = torch.tensor(float(width), dtype=dtype)
         elif n.op is Op.FLOAT:
             env[i] = args[0].to(dtype)
         elif n.op is Op.REDUCE:

@@ -4,6 +4,7 @@ normalized (inputs.py), mapped to a Variant, and run through that variant's cach
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 from typing import Any
 
@@ -75,10 +76,18 @@ class CompiledLoss(nn.Module):
             if not hasattr(self, k):
                 setattr(self, k, v)
         self._sig = _signature(spec.loss.forward)
-        if "init" in spec.loss.hooks:
-            spec.loss.hooks["init"](spec)
         self._last: CompiledVariant | None = None
         self._warned_grad = False
+        hooks = spec.loss.hooks
+        if "init" in hooks:
+            hooks["init"](spec)
+        # Module state (e.g. GHM's momentum sums) lives in buffers: it follows .to(device) and
+        # is saved in state_dict.
+        for name, t in hooks.get("state", lambda s: {})(spec).items():
+            self.register_buffer(name, t)
+        # Extra attributes and methods heads look for (get_cls_channels, custom_activation...).
+        for name, value in hooks.get("attrs", lambda s: {})(spec).items():
+            setattr(self, name, types.MethodType(value, self) if callable(value) else value)
 
     # -- inspection -------------------------------------------------------------------------------
     @property
@@ -119,10 +128,18 @@ class CompiledLoss(nn.Module):
         except TypeError as e:
             raise TypeError(f"{self.spec.name}.forward{self._sig}: {e}") from None
         roles = {ROLES.get(k, k): v for k, v in bound.arguments.items() if k != "kwargs"}
-        extra = bound.arguments.get("kwargs", {})
-        return self._run(roles, extra)
+        roles.update(bound.arguments.get("kwargs", {}))
+        if "forward" in self.spec.loss.hooks:
+            return self.spec.loss.hooks["forward"](self, roles)
+        return self.run_pipeline(roles)
 
-    def _run(self, a: dict[str, Any], extra: dict[str, Any]):
+    def run_pipeline(self, a: dict[str, Any]):
+        """The standard call: validate, bind target/weight/avg_factor, run the variant's kernel.
+
+        `a` maps pipeline roles (pred, target, weight, avg_factor, reduction_override, and any
+        per-call hyperparameter) to the call's values; a loss's 'forward' hook may call this with
+        prepared arguments (for losses made of several kernels).
+        """
         loss_def, name = self.spec.loss, self.spec.name
         hooks = loss_def.hooks
         pred = I.check_pred(name, a["pred"])

@@ -200,6 +200,16 @@ def class_index(x: Sym) -> Sym:
     return Sym(x.graph, x.graph.add(Op.IOTA))
 
 
+def width(x: Sym) -> Sym:
+    """The number of classes K (length of the last axis) as a float, e.g. for a row mean."""
+    return Sym(x.graph, x.graph.add(Op.WIDTH))
+
+
+def rowmean(x: Sym) -> Sym:
+    """Mean over the class axis of each row."""
+    return rowsum(x) / width(x)
+
+
 def one_hot(labels: Sym) -> Sym:
     """1.0 where the element's class index equals the row's label, else 0.0."""
     return to_float(labels == class_index(labels))

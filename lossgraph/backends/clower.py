@@ -132,6 +132,7 @@ C: dict[Op, str] = {
     Op.EQ: "({0} == {1})", Op.NE: "({0} != {1})", Op.AND: "({0} && {1})", Op.OR: "({0} || {1})",
     Op.WHERE: "({0} ? {1} : {2})", Op.CLAMP: "lg_clamp({0}, {1}, {2})",
     Op.BCE_PROB: "lg_bce_prob({0}, {1})", Op.WEIGHT: "({0} * {1})", Op.IOTA: "k",
+    Op.WIDTH: "((T)K)",
 }
 CTYPE = {"f": "T", "b": "int", "i": "long long"}
 

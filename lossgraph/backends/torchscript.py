@@ -38,6 +38,7 @@ TORCH: dict[Op, str] = {
     Op.ROWLSE: "torch.logsumexp({0}, -1, keepdim=True)",
     Op.WEIGHT: "{0} * {1}", Op.SCALE: "{0} * {arg}",
     Op.IOTA: "torch.arange(pred.shape[-1], device=pred.device)",
+    Op.WIDTH: "float(pred.shape[-1])",
 }
 # Forms used when an operand is a Python constant and torch wants a tensor there.
 WITH_CONST = {
@@ -155,7 +156,6 @@ def arguments(call, meta) -> list:
     pred = call.pred.detach().reshape(call.rows, call.width)
     if pred.dtype != compute:
         pred = pred.to(compute)
-    access = {"label": "row", "target": "elem", "weight": call.weight_access}
     args = []
     for name in meta.params:
         if name == "pred":
@@ -168,7 +168,7 @@ def arguments(call, meta) -> list:
             t = call.tensors[name]
             if name == "target" and t.dtype != compute:
                 t = t.to(compute)  # target.type_as(pred), as MMDetection does
-            kind = access.get(name, "row")
+            kind = meta.access[name]
             shape = {"elem": (call.rows, call.width), "row": (call.rows, 1), "col": (call.width,),
                      "scalar": ()}[kind]
             args.append(t.reshape(shape))

@@ -101,7 +101,7 @@ RULES: dict[Op, Callable] = {
 }
 # Ops whose output carries no derivative (masks, integer math, stop_gradient).
 ZERO = (Op.SIGN, Op.FLOOR, Op.FLOAT, Op.NOT, Op.STOPGRAD, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ,
-        Op.NE, Op.AND, Op.OR, Op.IOTA, Op.CONST, Op.INPUT)
+        Op.NE, Op.AND, Op.OR, Op.IOTA, Op.WIDTH, Op.CONST, Op.INPUT)
 
 
 def active_nodes(g: Graph, root: int) -> set[int]:

@@ -28,7 +28,7 @@ def _is(g: Graph, i: int, value) -> bool:
 
 def fold_constants(g: Graph, i: int, n: Node) -> Rewrite:
     """An elementwise op whose operands are all constants becomes a constant."""
-    if stage_of(n.op) is not Stage.ELEMENTWISE or n.op in (Op.INPUT, Op.CONST, Op.IOTA) or \
+    if stage_of(n.op) is not Stage.ELEMENTWISE or n.op in (Op.INPUT, Op.CONST, Op.IOTA, Op.WIDTH) or \
             n.op in (Op.ROWSUM, Op.ROWMAX, Op.ROWLSE, Op.STOPGRAD) or not n.srcs:
         return None
     values = [_const(g, s) for s in n.srcs]

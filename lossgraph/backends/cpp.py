@@ -120,12 +120,12 @@ def _label_ctype(dtype: str) -> str:
 
 def build(source: str, folder: Path, fn_name: str) -> Path:
     """Compile source into folder/kernel.so once, even with several processes racing (a DDP start)."""
-    so, stamp = folder / "kernel.so", folder / "kernel.so.sha256"
-    digest = hashlib.sha256(source.encode()).hexdigest()
+    # named by the source's hash: dlopen caches by path, so a rebuilt kernel needs a new name
+    so = folder / f"kernel-{hashlib.sha256(source.encode()).hexdigest()[:16]}.so"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if so.exists() and stamp.exists() and stamp.read_text() == digest:
+        if so.exists():
             return so
         cc = compiler()
         if cc is None:
@@ -140,7 +140,6 @@ def build(source: str, folder: Path, fn_name: str) -> Path:
             os.unlink(tmp)
             raise BackendError(f"C compiler failed; log in {folder / 'compile.log'}")
         os.replace(tmp, so)
-        stamp.write_text(digest)
     return so
 
 

@@ -172,10 +172,14 @@ def bind_weight(call: Call, rule: str, w, level: Level, as_float: bool) -> None:
         w = w.float()
     loss_shape = call.loss_shape(level)
     access, t = WEIGHT_RULES[rule](call.name, w, call.pred, loss_shape, level)
+    if t.dtype.is_floating_point:
+        # widen only (exact): a float32 weight on a float64 loss is multiplied in float64, as
+        # torch's promotion of `loss * weight` does in mmdet, gradient included
+        t = t.to(torch.promote_types(t.dtype, call.pred.dtype))
     call.weight_access = access
     call.tensors["weight"] = t
-    wdt = t.dtype if t.dtype.is_floating_point else torch.float32
-    call.out_dtype = torch.promote_types(call.out_dtype, wdt)
+    if t.dtype.is_floating_point and w.dim() > 0:  # a 0-d or integer weight never promotes
+        call.out_dtype = torch.promote_types(call.out_dtype, t.dtype)
 
 
 def bind_denominator(call: Call, avg_factor, level: Level) -> None:
@@ -192,7 +196,9 @@ def bind_denominator(call: Call, avg_factor, level: Level) -> None:
                             f"{tuple(avg_factor.shape)}")
         d = avg_factor.reshape(()) + EPS32
         call.out_dtype = torch.promote_types(call.out_dtype, d.dtype)
-        call.denom = d
+        # eps is added in avg_factor's own dtype, as in mmdet; the division then runs at least at
+        # pred's precision, so a float32 avg_factor does not round a float64 gradient's 1/denom
+        call.denom = d.to(torch.promote_types(d.dtype, call.pred.dtype))
     elif isinstance(avg_factor, (int, float)) and not isinstance(avg_factor, bool):
         call.denom = float(avg_factor) + EPS32
     else:

@@ -30,6 +30,8 @@ def _decompose_node(g: Graph, i: int, n: Node, shared: dict) -> Node | None:
             shared[x] = g.add(Op.EXP, (g.add(Op.NEG, (g.add(Op.ABS, (x,)),)),))
         return shared[x]
 
+    if n.op is Op.POW:
+        return _integer_pow(g, n)
     one, zero = g.const(1.0), g.const(0.0)
     if n.op is Op.SIGMOID:
         x = n.srcs[0]
@@ -57,6 +59,24 @@ def _decompose_node(g: Graph, i: int, n: Node, shared: dict) -> Node | None:
         s = g.add(Op.ROWSUM, (g.add(Op.EXP, (g.add(Op.SUB, (x, m0)),)),))
         return Node(Op.ADD, (g.add(Op.LOG, (s,)), m0))
     return None
+
+
+def _integer_pow(g: Graph, n: Node) -> Node | None:
+    """Note [Integer pow]: x**c for a whole c in [4, 16] becomes multiplications by repeated
+    squaring (x**4 = (x*x)*(x*x)): exact to an ulp or two of powf, and no call that costs as much
+    as an exp and a log (GaussianFocalLoss's (1 - t)**4). Exponents 2, 3, 0.5 were specialized by
+    the fold pass already, exactly as torch evaluates them."""
+    base, c = n.srcs[0], g[n.srcs[1]]
+    if c.op is not Op.CONST or isinstance(c.arg, bool) or c.arg != int(c.arg) or not 4 <= c.arg <= 16:
+        return None
+    e, acc, sq = int(c.arg), None, base
+    while e:
+        if e & 1:
+            acc = sq if acc is None else g.add(Op.MUL, (acc, sq))
+        e >>= 1
+        if e:
+            sq = g.add(Op.MUL, (sq, sq))
+    return g[acc]
 
 
 def decompose(body: Graph, v: Variant) -> Graph:

@@ -30,9 +30,11 @@ def _avg_non_ignore(spec, call):
     if not spec.kwargs()["avg_non_ignore"]:
         return None
     valid = _valid(spec, call)
+    # mmdet's count is a Python float, so a float64 loss must not get a float32-rounded count + eps
+    dt = torch.float64 if call.pred.dtype == torch.float64 else torch.float32
     if spec.kwargs()["use_sigmoid"] and call.target_form == "labels":
-        return valid.sum().to(torch.float32) * call.width   # the one-hot expanded (N, C) mask
-    return valid.sum().to(torch.float32)
+        return valid.sum().to(dt) * call.width   # the one-hot expanded (N, C) mask
+    return valid.sum().to(dt)
 
 
 def _check(spec, call):

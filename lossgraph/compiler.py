@@ -100,13 +100,24 @@ class Compiler:
         except BackendError as e:
             if name == "torchscript":
                 raise
+            where = self._save_log(name, v, e.log)
             if not self._fallback_warned:
                 warnings.warn(f"lossgraph: the {name} backend failed for {self.spec.name} "
-                              f"({e}); falling back to torchscript", stacklevel=3)
+                              f"({e}); falling back to torchscript{where}", stacklevel=3)
                 self._fallback_warned = True
             cv = self._compile(v, backends.get("torchscript"))
         self._variants[v] = cv
         return cv
+
+    def _save_log(self, backend: str, v: Variant, log: str) -> str:
+        """Put a failed build's log in the dump folder, when there is one."""
+        root = dump.dump_root(self.dump_dir)
+        if not root or not log:
+            return ""
+        folder = Path(root) / self.spec.name / f"{backend}.{v.tag()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "compile.log").write_text(log)
+        return f"; compiler log in {folder / 'compile.log'}"
 
     def _components(self, v: Variant, be: backends.Backend) -> dict[str, Any]:
         return {"schema": cache.SCHEMA, "lossgraph": __version__, "code": cache.code_hash(),

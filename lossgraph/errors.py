@@ -11,3 +11,7 @@ class InputError(ValueError):
 
 class BackendError(RuntimeError):
     """A backend could not compile or run a kernel (the dump folder holds the compiler log)."""
+
+    def __init__(self, message: str, log: str = ""):
+        super().__init__(message)
+        self.log = log

@@ -134,11 +134,17 @@ def build(source: str, folder: Path, fn_name: str) -> Path:
         c_file.write_text(source)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
         os.close(fd)
-        r = subprocess.run([cc, *FLAGS, str(c_file), "-o", tmp, "-lm"], capture_output=True, text=True)
-        (folder / "compile.log").write_text(" ".join([cc, *FLAGS]) + "\n" + r.stdout + r.stderr)
-        if r.returncode != 0:
+        cmd = [cc, *FLAGS, str(c_file), "-o", tmp, "-lm"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            log = " ".join(cmd) + "\n" + r.stdout + r.stderr
+            ok = r.returncode == 0
+        except OSError as e:
+            log, ok = f"{' '.join(cmd)}\n{e}", False
+        (folder / "compile.log").write_text(log)
+        if not ok:
             os.unlink(tmp)
-            raise BackendError(f"C compiler failed; log in {folder / 'compile.log'}")
+            raise BackendError(f"the C compiler failed (log: {folder / 'compile.log'})", log)
         os.replace(tmp, so)
     return so
 

@@ -171,6 +171,23 @@ def literal(v) -> str:
 
 
 @dataclass
+class Hot:
+    """Note [One-hot split]: when every use of the class index k in a row goes through one test
+    `k == y` against a per-row integer y (a label), the row is computed as two specializations of
+    the element body: with the test false for every column (vectorized, no compares, half the
+    terms folded away) and with it true at column y only (scalar). The loops skip column y
+    instead of patching it afterwards, so an inf or NaN there cannot leak into the row's sum."""
+
+    index: str                 # C expression of y (row level)
+    body0: list[str]           # element statements with k != y
+    loss0: str
+    grad0: str | None
+    body1: list[str]           # element statements at k == y
+    loss1: str
+    grad1: str | None
+
+
+@dataclass
 class CKernel:
     """The rendered pieces a C skeleton (template) places into its loops."""
 
@@ -178,7 +195,7 @@ class CKernel:
     params: list[tuple[str, str, str]]        # (C type, name, access)
     scalar: list[str]                         # once per call
     row_pre: list[str]                        # per row, before any k-loop
-    passes: list[dict]                        # per pass: {stmts, reds: [(name, op, expr)], row_post}
+    passes: list[dict]                        # per pass: {stmts, reds, gathers, row_post}
     final: list[str]                          # per element in the last k-loop
     flat: bool
     loss_mode: str                            # 'acc_elem' | 'acc_row' | 'store_elem' | 'store_row'
@@ -187,10 +204,7 @@ class CKernel:
     epilogue: list[str]                       # double math after the reduction
     total: str                                # the final loss value (double)
     tables: dict[str, tuple] = field(default_factory=dict)
-
-
-def _name(num: dict[int, int], i: int) -> str:
-    return f"v{num[i]}"
+    hot: Hot | None = None
 
 
 def _load(ld: Load, flat: bool) -> str:
@@ -210,76 +224,174 @@ def scalar_loads(params) -> list[str]:
     return out
 
 
-def lower(body: Graph, v: Variant, name: str) -> CKernel:
-    """Decompose, schedule and render the fused body into C statements."""
-    g = decompose(body, v)
-    sch = schedule(g)
-    num, kinds = g.numbering(), g.kinds()
+def _ctype(ld: Load) -> str:
+    return "LT" if ld.kind == "i" else "T"
+
+
+def render_nodes(g: Graph, levels: dict[int, Level], flat: bool) -> tuple[dict, dict]:
+    """C expression (a name or a literal) and declaration of every node; names are v<node id>,
+    stable across the specialized copies of the graph."""
+    kinds = g.kinds()
     expr: dict[int, str] = {}
     decl: dict[int, str] = {}
     for i in g.topo():
         n = g[i]
         args = [expr.get(s, "") for s in n.srcs]
+        name = f"v{i}"
         if n.op is Op.INPUT:
-            expr[i] = _load(n.arg, sch.flat)
-            if sch.levels[i] in (Level.ELEM, Level.ROW):
-                decl[i] = f"const {_ctype(n.arg)} {_name(num, i)} = {expr[i]};"
-                expr[i] = _name(num, i)
+            expr[i] = _load(n.arg, flat)
+            if levels[i] in (Level.ELEM, Level.ROW):
+                decl[i], expr[i] = f"const {_ctype(n.arg)} {name} = {expr[i]};", name
         elif n.op is Op.CONST:
             expr[i] = literal(n.arg)
         elif n.op in ROW_REDUCTIONS:
-            expr[i] = _name(num, i)
-        elif sch.levels[i] is Level.TOTAL:
+            expr[i] = name
+        elif levels[i] is Level.TOTAL:
             expr[i] = ""                      # rendered by _epilogue, after the reduction
         elif n.op in (Op.REDUCE, Op.OUTPUT):
             expr[i] = args[0]                 # reduction 'none' is the identity
         elif n.op is Op.SCALE:
-            expr[i] = _name(num, i)
-            decl[i] = f"const T {expr[i]} = ({args[0]} * {literal(n.arg)});"
+            expr[i], decl[i] = name, f"const T {name} = ({args[0]} * {literal(n.arg)});"
         else:
-            text = ("(i % K)" if sch.flat else "k") if n.op is Op.IOTA else C[n.op].format(*args)
-            expr[i] = _name(num, i)
-            decl[i] = f"const {CTYPE[kinds[i]]} {expr[i]} = {text};"
-    return _assemble(g, v, sch, num, expr, decl, name)
+            text = ("(i % K)" if flat else "k") if n.op is Op.IOTA else C[n.op].format(*args)
+            expr[i], decl[i] = name, f"const {CTYPE[kinds[i]]} {name} = {text};"
+    return expr, decl
 
 
-def _ctype(ld: Load) -> str:
-    return "LT" if ld.kind == "i" else "T"
-
-
-def _assemble(g, v, sch: Schedule, num, expr, decl, name) -> CKernel:
-    order = g.topo()
+def lower(body: Graph, v: Variant, name: str) -> CKernel:
+    """Decompose, schedule and render the fused body into C statements."""
+    g = decompose(body, v)
+    sch = schedule(g)
+    expr, decl = render_nodes(g, sch.levels, sch.flat)
     outs = g.outputs()
     loss_root = g[outs["loss"]].srcs[0]
     red = g.find(Op.REDUCE)[0]
     pre = g[red].srcs[0]
+    order = g.topo()
+    hot = _hot_test(g, sch)
     scalar = [decl[i] for i in order if i in decl and sch.levels[i] is Level.SCALAR]
     row_pre = [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW and
                sch.row_after[i] == 0]
-    passes = []
-    for p in range(1, sch.final):
-        reds = [(_name(num, r), g[r].op.value, expr[g[r].srcs[0]]) for r in sch.reductions.get(p, [])]
-        passes.append({
-            "stmts": [decl[i] for i in order if i in sch.elem_in[p] and i in decl],
-            "reds": reds,
-            "row_post": [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW
-                         and sch.row_after[i] == p],
-        })
+    passes = [_pass(g, v, sch, p, expr, decl, hot) for p in range(1, sch.final)]
     final = [decl[i] for i in order if sch.final and i in sch.elem_in[sch.final] and i in decl]
-    level_pre = sch.levels[pre]
     if g[red].arg == "none":
         mode = "store_elem" if sch.levels[loss_root] is Level.ELEM else "store_row"
     else:
-        mode = "acc_elem" if level_pre is Level.ELEM else "acc_row"
-    loss_expr = expr[loss_root] if mode.startswith("store") else expr[pre]
-    epilogue, total = _epilogue(g, sch, num, expr, red)
-    grad = expr[g[outs["grad"]].srcs[0]] if "grad" in outs else None
-    params = _params(g)
-    return CKernel(name, params, scalar, row_pre, passes, final, sch.flat, mode, loss_expr, grad,
-                   epilogue, total, dict(g.tables))
+        mode = "acc_elem" if sch.levels[pre] is Level.ELEM else "acc_row"
+    loss_node = loss_root if mode.startswith("store") else pre
+    grad_node = g[outs["grad"]].srcs[0] if "grad" in outs else None
+    split = None
+    if hot is not None and sch.final:
+        known = {i for i in decl if sch.levels[i] in (Level.ROW, Level.SCALAR)} | \
+            {i for i in g.ids() if g[i].op in (Op.CONST, Op.INPUT) or i in sch.row_after}
+        split = _split_final(g, v, sch, hot, mode, known)
+    epilogue, total = _epilogue(g, sch, red)
+    return CKernel(name, _params(g), scalar, row_pre, passes, final, sch.flat, mode,
+                   expr[loss_node], expr[grad_node] if grad_node is not None else None,
+                   epilogue, total, dict(g.tables), split)
 
 
-def _epilogue(g: Graph, sch: Schedule, num, expr, red: int) -> tuple[list[str], str]:
+def _hot_test(g: Graph, sch: Schedule) -> tuple[int, int] | None:
+    """(test node, label node) when the class index is only ever compared with one row label."""
+    if sch.flat:
+        return None
+    iotas = g.find(Op.IOTA)
+    tests = {u for i in iotas for u in g.users(i)}
+    if len(iotas) != 1 or len(tests) != 1:
+        return None
+    t = next(iter(tests))
+    n = g[t]
+    other = [s for s in n.srcs if s != iotas[0]]
+    if n.op is not Op.EQ or len(other) != 1 or sch.levels[other[0]] is not Level.ROW or \
+            g.kind(other[0]) != "i":
+        return None
+    return t, other[0]
+
+
+def _specialized(g: Graph, v: Variant, test: int, value: bool) -> Graph:
+    """g with the one-hot test replaced by a constant, folded again."""
+    h = g.copy()
+    h.replace(test, Node(Op.CONST, (), value))
+    return specialize(h, v)
+
+
+def _elem_stmts(h: Graph, roots: list[int], levels, decl, known: set[int]) -> list[str]:
+    """Declarations the roots need inside the k loop: element-level nodes, plus any node the
+    specialization created that the row and scalar sections of the original graph lack."""
+    need = set()
+    for r in roots:
+        need |= {a for a in h.ancestors(r) | {r}
+                 if levels.get(a) is Level.ELEM or a not in known}
+    return [decl[i] for i in h.topo() if i in need and i in decl]
+
+
+def _roots(h: Graph, mode: str) -> tuple[int | None, int | None]:
+    """(per-element loss value, gradient) nodes of a graph, found through its outputs."""
+    outs = h.outputs()
+    loss = None
+    if mode.endswith("elem"):
+        loss = h[outs["loss"]].srcs[0] if mode.startswith("store") else h[h.find(Op.REDUCE)[0]].srcs[0]
+    return loss, (h[outs["grad"]].srcs[0] if "grad" in outs else None)
+
+
+def _split_final(g, v, sch, hot, mode, known) -> Hot:
+    """The final k-loop's statements with the test false (k != y) and true (k == y)."""
+    test, label = hot
+    parts = []
+    for value in (False, True):
+        h = _specialized(g, v, test, value)
+        lv = h.levels()
+        e, d = render_nodes(h, lv, False)
+        loss, grad = _roots(h, mode)
+        roots = [n for n in (loss, grad) if n is not None]
+        parts.append((_elem_stmts(h, roots, lv, d, known), e.get(loss, ""),
+                      e[grad] if grad is not None else None))
+    (b0, l0, g0), (b1, l1, g1) = parts
+    return Hot(f"v{label}", b0, l0, g0, b1, l1, g1)
+
+
+def _pass(g, v, sch, p, expr, decl, hot) -> dict:
+    """One k-loop pass; a row sum of a value that is zero off the hot column becomes a gather."""
+    order = g.topo()
+    reds, gathers = [], []
+    for r in sch.reductions.get(p, []):
+        gather = _gather(g, v, sch, hot, r) if g[r].op is Op.ROWSUM else None
+        if gather is not None:
+            gathers.append((f"v{r}", *gather))
+        else:
+            reds.append((f"v{r}", g[r].op.value, expr[g[r].srcs[0]]))
+    gathered = {name for name, *_ in gathers}
+    need = set()
+    for r in sch.reductions.get(p, []):
+        if f"v{r}" not in gathered:
+            need |= {a for a in g.ancestors(r) if a in sch.elem_in[p]}
+    return {"stmts": [decl[i] for i in order if i in need and i in decl], "reds": reds,
+            "gathers": gathers,
+            "row_post": [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW
+                         and sch.row_after[i] == p]}
+
+
+def _gather(g, v, sch, hot, r) -> tuple[str, list[str], str] | None:
+    """(label, statements at k == label, value) when rowsum's operand is 0 off the hot column."""
+    if hot is None:
+        return None
+    test, label = hot
+    x = g[r].srcs[0]
+    if test not in g.ancestors(x):
+        return None
+    h0 = _specialized(g, v, test, False)
+    src0 = h0[r].srcs[0] if r in h0 else None
+    if src0 is None or h0[src0].op is not Op.CONST or h0[src0].arg != 0.0:
+        return None
+    h1 = _specialized(g, v, test, True)
+    lv = h1.levels()
+    e, d = render_nodes(h1, lv, False)
+    x1 = h1[r].srcs[0]
+    known = {i for i in g.ids() if i in sch.row_after or sch.levels[i] is Level.SCALAR}
+    return (f"v{label}", _elem_stmts(h1, [x1], lv, d, known), e[x1])
+
+
+def _epilogue(g: Graph, sch: Schedule, red: int) -> tuple[list[str], str]:
     """Double-precision statements after the reduction: divide by denom, scale by loss_weight."""
     lines, cur = [], None
     for i in g.topo():
@@ -289,11 +401,11 @@ def _epilogue(g: Graph, sch: Schedule, num, expr, red: int) -> tuple[list[str], 
         if n.op is Op.REDUCE:
             rhs = "lg_total" if n.arg == "sum" else "lg_total / denom"
         elif n.op is Op.SCALE:
-            rhs = f"t{num[n.srcs[0]]} * {float(n.arg)!r}"
+            rhs = f"t{n.srcs[0]} * {float(n.arg)!r}"
         else:
             raise NotImplementedError(f"{n.op.value} after the reduction")
-        lines.append(f"const double t{num[i]} = {rhs};")
-        cur = f"t{num[i]}"
+        lines.append(f"const double t{i} = {rhs};")
+        cur = f"t{i}"
     return lines, cur or "lg_total"
 
 

@@ -88,6 +88,12 @@ def row_input(name: str, kind: str = "f") -> Sym:
     return Sym(t.graph, t.graph.add(Op.INPUT, (), Load(name, "row", kind)))
 
 
+def col_input(name: str) -> Sym:
+    """A per-class input vector (one value per column of pred) supplied by the runtime."""
+    t = _current("col_input")
+    return Sym(t.graph, t.graph.add(Op.INPUT, (), Load(name, "col")))
+
+
 def build(spec: Spec, v: Variant) -> Graph:
     """Trace the loss math for this variant and append the weight, reduce and scale stages."""
     g = Graph(spec.name, v.describe())

@@ -1,6 +1,8 @@
 """Stages 2-7 for one loss: build the IR of a variant, run the passes, render, compile and cache."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from .build import Variant, build
 from .config import Spec
 from .errors import BackendError
 from .ops import Level, Op
+
+VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(Variant))
 
 
 @dataclass
@@ -53,6 +57,12 @@ class CompiledVariant:
     def run(self, call) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.backend.run(self.artifact, call, self.meta)
 
+    @property
+    def scale_grad(self) -> Callable | None:
+        """The backend's in-place `grad *= g` for a 0-d g (cuda: on the device, no sync), or None."""
+        f = self.backend.scale_grad
+        return None if f is None else functools.partial(f, self.artifact)
+
 
 class Compiler:
     """Compiles and caches the variants of one loss spec for one backend choice."""
@@ -61,10 +71,19 @@ class Compiler:
         if backend != "auto":
             backends.get(backend)  # validates the name
         self.spec, self.backend, self.dump_dir = spec, backend, dump_dir
-        self._variants: dict[Variant, CompiledVariant] = {}
+        self._variants: dict[Variant, int] = {}   # variant -> i; the kernel is self._compiled_<i>
         self._levels: dict[tuple, Level] = {}
         self._fallback_warned = False
         self.default_variant()  # traces the math once, so config errors surface at compile()
+
+    def __getstate__(self) -> dict:
+        """Note [Copying a compiled loss]: kernels are process-local handles (ctypes functions,
+        CUDA modules), so a deepcopy or a pickle (EMA hooks, checkpoints of whole models) carries
+        only the spec and the backend choice; the copy reloads its kernels from the disk cache."""
+        return {"spec": self.spec, "backend": self.backend, "dump_dir": self.dump_dir}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["spec"], state["backend"], state["dump_dir"])
 
     def backend_for(self, device: str) -> str:
         return backends.auto(device) if self.backend == "auto" else self.backend
@@ -88,12 +107,35 @@ class Compiler:
     def stages(self, v: Variant) -> list:
         return passes.run(build(self.spec, v), v)
 
+    def generate(self, v: Variant, backend: str) -> tuple[str, KernelMeta, list]:
+        """(source, meta, stages) of variant v for `backend`, without building or caching it
+        (ahead-of-time compilation: `python -m lossgraph compile`)."""
+        stages = self.stages(v)
+        source, meta = self._render(v, backends.get(backend), stages)
+        return source, meta, stages
+
     def get(self, v: Variant) -> CompiledVariant:
         """The compiled kernel of variant v: from memory, from disk, or freshly generated."""
-        cv = self._variants.get(v)
-        if cv is not None:
+        i = self._index(tuple(getattr(v, f) for f in VARIANT_FIELDS))
+        return getattr(self, f"_compiled_{i}")
+
+    @torch.compiler.assume_constant_result
+    def _index(self, fields: tuple) -> int:
+        """The number i of variant Variant(*fields) (its kernel is self._compiled_<i>),
+        compiling it first if it is new.
+
+        Note [Compiling under torch.compile]: dynamo calls this eagerly instead of tracing it
+        (assume_constant_result), so a model whose loss first runs inside torch.compile keeps one
+        graph: cache I/O, the C compiler and NVRTC stay out of the trace. It takes plain field
+        values (dynamo does not hand over a dataclass built in the trace intact), and each kernel
+        is an attribute of its own, which a trace reads fresh even when it was compiled mid-trace
+        (a container read earlier in the trace would be a stale snapshot).
+        """
+        v = Variant(*fields)
+        i = self._variants.get(v)
+        if i is not None:
             cache.STATS["memory_hits"] += 1
-            return cv
+            return i
         name = self.backend_for(v.device)
         try:
             cv = self._compile(v, backends.get(name))
@@ -103,11 +145,12 @@ class Compiler:
             where = self._save_log(name, v, e.log)
             if not self._fallback_warned:
                 warnings.warn(f"lossgraph: the {name} backend failed for {self.spec.name} "
-                              f"({e}); falling back to torchscript{where}", stacklevel=3)
+                              f"({e}); falling back to torchscript{where}", stacklevel=4)
                 self._fallback_warned = True
             cv = self._compile(v, backends.get("torchscript"))
-        self._variants[v] = cv
-        return cv
+        i = self._variants[v] = len(self._variants)
+        setattr(self, f"_compiled_{i}", cv)
+        return i
 
     def _save_log(self, backend: str, v: Variant, log: str) -> str:
         """Put a failed build's log in the dump folder, when there is one."""

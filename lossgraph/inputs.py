@@ -189,7 +189,10 @@ def bind_denominator(call: Call, avg_factor, level: Level) -> None:
     if call.reduction != "mean":
         return
     if avg_factor is None:
-        call.denom = float(call.loss_shape(level).numel())
+        n = call.loss_shape(level).numel()
+        # the mean of nothing is 0/0 = NaN, as in torch; a NaN denominator gives that without a
+        # ZeroDivisionError in the kernel's Python-float scalar math (1 / denom)
+        call.denom = float(n) if n else float("nan")
     elif isinstance(avg_factor, torch.Tensor):
         if avg_factor.numel() != 1:
             fail(call.name, f"avg_factor must be a number or a one-element tensor, got shape "

@@ -125,6 +125,8 @@ def _type_name(t: Any) -> str:
         return "None"
     if t is float:
         return "a number"
+    if t is int:
+        return "an integer"
     return f"a {getattr(t, '__name__', t)}"
 
 

@@ -43,9 +43,9 @@ class _Fused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, run, shape, row_level):
+    def forward(ctx, pred, run, shape, row_level, scale=None):
         loss, grad = run()
-        ctx.grad, ctx.run, ctx.row_level = grad, run, row_level
+        ctx.grad, ctx.run, ctx.row_level, ctx.scale = grad, run, row_level, scale
         return loss.reshape(shape) if shape is not None else loss
 
     @staticmethod
@@ -56,11 +56,13 @@ class _Fused(torch.autograd.Function):
             grad = ctx.run()[1]
         if g.dim() == 0:
             if g.device.type == "cpu" and g.item() == 1.0:
-                return grad, None, None, None
-            return grad.mul_(g.to(grad.dtype)), None, None, None
+                return grad, None, None, None, None
+            if ctx.scale is not None:  # the backend's device-side scaling (skips g == 1, no sync)
+                return ctx.scale(grad, g), None, None, None, None
+            return grad.mul_(g.to(grad.dtype)), None, None, None, None
         if ctx.row_level:
             g = g.unsqueeze(-1)
-        return grad.mul_(g.to(grad.dtype)), None, None, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None, None
 
 
 class CompiledLoss(nn.Module):
@@ -88,6 +90,12 @@ class CompiledLoss(nn.Module):
         # Extra attributes and methods heads look for (get_cls_channels, custom_activation...).
         for name, value in hooks.get("attrs", lambda s: {})(spec).items():
             setattr(self, name, types.MethodType(value, self) if callable(value) else value)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_last"] = None       # a compiled kernel; see Note [Copying a compiled loss]
+        return state
 
     # -- inspection -------------------------------------------------------------------------------
     @property
@@ -188,7 +196,8 @@ class CompiledLoss(nn.Module):
         shape = call.loss_shape(level) if call.reduction == "none" else None
         if v.grad:
             run = lambda: cv.run(call)  # noqa: E731
-            loss = _Fused.apply(call.pred, run, shape, level is Level.ROW and shape is not None)
+            loss = _Fused.apply(call.pred, run, shape, level is Level.ROW and shape is not None,
+                                cv.scale_grad)
         else:
             loss = cv.run(call)[0]
             loss = loss.reshape(shape) if shape is not None else loss

@@ -19,6 +19,7 @@ class Backend:
     load: Callable[..., Any]                      # (KernelMeta, source, entry dir) -> Artifact
     run: Callable[..., tuple]                     # (Artifact, Call, KernelMeta) -> (loss, grad)
     components: Callable[..., dict]               # Variant -> backend-specific cache-key parts
+    scale_grad: Callable[..., Any] | None = None  # optional (Artifact, grad, 0-d g) -> grad *= g
 
 
 def get(name: str) -> Backend:
@@ -26,7 +27,8 @@ def get(name: str) -> Backend:
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
     m = importlib.import_module(f"{__name__}.{name}")
-    return Backend(name, m.SUFFIX, m.available, m.render, m.load, m.run, m.components)
+    return Backend(name, m.SUFFIX, m.available, m.render, m.load, m.run, m.components,
+                   getattr(m, "scale_grad", None))
 
 
 def auto(device: str) -> str:

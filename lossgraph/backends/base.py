@@ -1,6 +1,7 @@
 """What every backend receives (KernelSource) and returns (Artifact)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,7 +23,8 @@ class KernelSource:
 
     @property
     def fn_name(self) -> str:
-        return f"{self.spec.name.lower()}_{self.graph_hash[:10]}"
+        # a loss name may hold any character (e.g. a scope, 'mmdet.FocalLoss'): keep identifiers
+        return f"{re.sub(r'[^0-9a-zA-Z_]', '_', self.spec.name.lower())}_{self.graph_hash[:10]}"
 
     def header(self, prefix: str) -> str:
         return codegen.header(prefix, self.spec.config(), self.variant.tag(), self.graph_hash,

@@ -32,3 +32,37 @@ def focal_loss(pred, target, use_sigmoid: bool = True, gamma: float = 2.0, alpha
     bce = binary_cross_entropy(pred, t) if activated else bce_with_logits(pred, t)
     return bce * focal_weight
 
+
+# -- FocalCustomLoss (V3Det) -----------------------------------------------------------------
+
+def _focal_cls_channels(self, num_classes):
+    """get_cls_channels: C sigmoid logits."""
+    if num_classes != self.num_classes:
+        raise ValueError(f"{self.spec.name}: get_cls_channels({num_classes}) but the loss was "
+                         f"built with num_classes={self.num_classes}")
+    return num_classes
+
+
+def _focal_activation(self, cls_score):
+    """get_activation: the sigmoid of the first C logits."""
+    return cls_score[:, :self.num_classes].sigmoid()
+
+
+def _focal_custom_attrs(spec):
+    from .cross_entropy import custom_accuracy
+    return {"custom_cls_channels": True, "custom_activation": True, "custom_accuracy": True,
+            "get_cls_channels": _focal_cls_channels, "get_activation": _focal_activation,
+            "get_accuracy": custom_accuracy}
+
+
+@register_loss("FocalCustomLoss", target="labels", weight="focal",
+               hooks={"check": labels_with_background, "attrs": _focal_custom_attrs},
+               _builtin=True)
+def focal_custom_loss(pred, target, use_sigmoid: bool = True, num_classes: int = -1,
+                      gamma: float = 2.0, alpha: float = 0.25, activated: bool = False):
+    """FocalLoss for V3Det heads: always the logits path with labels one-hot expanded over
+    pred.size(1) + 1 classes (the last, background, dropped). As in MMDetection 3.3.0,
+    `activated` is stored but unused, and num_classes must be set (!= -1)."""
+    check(use_sigmoid is True, "Only sigmoid focal loss supported now.")
+    check(num_classes != -1, "num_classes must be set (it is -1)")
+    return focal_loss(pred, target, gamma=gamma, alpha=alpha, activated=False)

@@ -1,0 +1,389 @@
+"""CUDA backend: the fused body rendered as a CUDA kernel, compiled by NVRTC, run on torch's stream.
+
+Note [CUDA kernel design]: the element statements come from clower.lower, exactly as in the cpp
+kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in GPU loops.
+- Schedule 'elem' (no row reductions): one thread per element, grid-stride over the flat index
+  with 64-bit indices and UNROLL elements in flight per thread; the row r = i / K is one
+  multiply-high below 2^31 (IntDivider magic) and a 64-bit division above.
+- Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): one warp per row; a row sum the
+  lowering turned into a gather (a value read at the label's column) is computed by every lane.
+- The one-hot split of the lowering (bodies folded for k == y and k != y) becomes a branch
+  after the statements both bodies share (the load, the sigmoid): at most one lane of a row
+  takes the k == y side.
+- Launch facts (schedule, parameters, tables) are written into the source's
+  `// lossgraph-launch:` line, so a kernel read back from the disk cache needs no IR.
+- Reduction: each thread sums its losses in double, each block writes one partial (fixed tree),
+  and a one-block `_finish` kernel adds the partials in index order and applies the epilogue
+  (/ denom, * loss_weight) on the device. The grid depends only on the problem size and the
+  device, so results are bitwise reproducible; there are no float atomics.
+- No host sync anywhere: a tensor avg_factor is read by the kernel through its pointer,
+  per-class tables are compiled into the source, and outputs come from torch's caching
+  allocator on the current stream, so a call can be captured in a CUDA graph.
+- fp16/bf16 pred is read as float and all math is float (double for float64); the gradient is
+  stored in pred's dtype, the loss in float32 (float64).
+- Backward of a scalar loss: scale_grad runs a kernel that returns at once when
+  grad_output == 1, so loss.backward() moves no gradient bytes and never syncs.
+- torch.compile: the launch is the custom op lossgraph::cuda_fused with a fake implementation,
+  so traced models keep one graph (see _fused_op).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import cache, codegen
+from ..errors import BackendError, InputError
+from ..ops import Level
+from . import nvrtc
+from .base import Artifact, KernelSource
+from .clower import literal, lower, scalar_loads
+
+SUFFIX = ".cu"
+BLOCK = 256          # threads per block (8 warps)
+UNROLL = 4           # elements in flight per thread in the 'elem' schedule
+STORAGE = {"float32": "float", "float64": "double", "float16": "lg_half", "bfloat16": "lg_bf16"}
+LABEL_CTYPE = {"int64": "long long", "int32": "int", "int16": "short", "int8": "signed char",
+               "uint8": "unsigned char"}
+LAUNCH_LINE = re.compile(r"^// lossgraph-launch: (.*)$", re.M)
+# C types of the kernel parameters after the tensors, and of the _finish and scale kernels
+MAIN_TAIL = ("ptr", "int", "f64", "i64", "i64", "uint", "uint", "i64", "ptr", "ptr", "ptr")
+FINISH_ARGS = ("ptr", "int", "ptr", "int", "f64", "ptr")
+SCALE_ARGS = ("ptr", "i64", "ptr", "int")
+
+
+# -- availability and cache key ------------------------------------------------------------------
+
+def unavailable_reason(device: str = "cuda") -> str | None:
+    """Why this backend cannot run tensors on `device` here, or None when it can."""
+    if device != "cuda":
+        return f"the cuda backend runs CUDA tensors only, not {device} tensors"
+    from . import cudadrv
+    why = nvrtc.unavailable_reason() or cudadrv.unavailable_reason()
+    if why is None and nvrtc.version()[0] > cudadrv.driver_version()[0]:
+        why = (f"NVRTC {'.'.join(map(str, nvrtc.version()))} is newer than the driver's CUDA "
+               f"{'.'.join(map(str, cudadrv.driver_version()))}; install the nvidia-cuda-nvrtc "
+               f"and cuda-bindings versions of CUDA {cudadrv.driver_version()[0]}")
+    return why
+
+
+def available(device: str) -> bool:
+    """Usable for CUDA tensors when a GPU, the driver, cuda-bindings and libnvrtc are present."""
+    return unavailable_reason(device) is None
+
+
+def components(v) -> dict:
+    """Cache-key parts: NVRTC's version and options, and the launch shape the source assumes.
+
+    The GPU architecture is the last part of the key: an entry folder holds one image per arch
+    (<kernel>.sm_90.cubin), compiled on first use on a device of that arch.
+    """
+    ver = nvrtc.version() if nvrtc.unavailable_reason() is None else None
+    return {"nvrtc": ".".join(map(str, ver)) if ver else "none",
+            "nvrtc_options": " ".join(nvrtc.OPTIONS), "block": BLOCK, "unroll": UNROLL}
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+def render(src: KernelSource) -> str:
+    """Render the fused body as CUDA: the loss/gradient kernel and, when reducing, its combine."""
+    v = src.variant
+    k = lower(src.body, v, src.fn_name)
+    schedule = "rows" if k.passes else "elem"
+    accumulate = k.loss_mode.startswith("acc")
+    params = [("S" if n == "pred" else t, n) for t, n, _ in k.params if n not in k.tables]
+    tables = [(n, [literal(x) for x in k.tables[n]]) for _, n, _ in k.params if n in k.tables]
+    launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": UNROLL,
+              "params": params, "tables": {n: len(vals) for n, vals in tables}}
+    args = "".join(f"const {t}* __restrict__ p_{n}, " for t, n in params)
+    return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=_hot(k),
+                          block=BLOCK, unroll=UNROLL, schedule=schedule, accumulate=accumulate,
+                          double=v.dtype == "float64", label_type=LABEL_CTYPE[v.label_dtype],
+                          storage=STORAGE[v.dtype], tables=tables, tensor_args=args,
+                          scalar_loads=scalar_loads(k.params),
+                          launch=json.dumps(launch, sort_keys=True))
+
+
+def _hot(k) -> dict | None:
+    """The one-hot split of the element body (clower's Hot), with the statements both halves
+    start with moved before the branch: the load and the shared math run unconditionally."""
+    if k.hot is None:
+        return None
+    h = k.hot
+    n = 0
+    while n < min(len(h.body0), len(h.body1)) and h.body0[n] == h.body1[n]:
+        n += 1
+    return {"index": h.index, "common": h.body0[:n], "body0": h.body0[n:], "loss0": h.loss0,
+            "grad0": h.grad0, "body1": h.body1[n:], "loss1": h.loss1, "grad1": h.grad1}
+
+
+def launch_info(source: str) -> dict:
+    """The launch facts a rendered source records in its `// lossgraph-launch:` line."""
+    m = LAUNCH_LINE.search(source)
+    if m is None:
+        raise BackendError("CUDA source has no '// lossgraph-launch:' line")
+    return json.loads(m.group(1))
+
+
+def device_target(index: int | None = None) -> str:
+    """sm_XY of device `index` (default: the current one), or compute_XY PTX when NVRTC
+    predates the GPU."""
+    if index is None:
+        index = torch.cuda.current_device()
+    return nvrtc.target_for(torch.cuda.get_device_capability(index))
+
+
+# -- the loaded kernel -----------------------------------------------------------------------------
+
+KERNELS: list["CudaKernel"] = []   # loaded kernels by index: the custom op's `kernel` argument
+
+
+@dataclass
+class CudaKernel:
+    """A rendered kernel with its launch facts; images per arch, modules per device."""
+
+    name: str
+    source: str
+    folder: Path
+    launch: dict
+    reduction: str
+    loss_level: Level
+    index: int = -1
+    images: dict[str, bytes] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+    modules: dict[int, Any] = field(default_factory=dict)
+
+    def image(self, target: str) -> bytes:
+        """The cubin/PTX for target: from memory, from the entry folder, or compiled now."""
+        if target in self.images:
+            return self.images[target]
+        kind = "cubin" if target.startswith("sm") else "ptx"
+        path = self.folder / f"{self.name}.{target}.{kind}"
+        try:
+            image = path.read_bytes() if cache.enabled() else None
+        except OSError:
+            image = None
+        if not image:
+            try:
+                image, log = nvrtc.compile(self.source, target, f"{self.name}.cu")
+            except BackendError as e:
+                self._write(f"compile.{target}.log", e.log or str(e))
+                raise
+            self.logs[target] = log
+            self._write(path.name, image)
+            self._write(f"compile.{target}.log", log)
+        self.images[target] = image
+        return image
+
+    def _write(self, name: str, data) -> None:
+        if cache.enabled():
+            cache.write_atomic(self.folder / name, data)
+
+    def launcher(self, device: torch.device):
+        """The module of this kernel on `device` (tests substitute an emulator here)."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        mod = self.modules.get(index)
+        if mod is None:
+            from .cudadrv import Module
+            mod = self.modules[index] = Module(self.image(device_target(index)), index)
+        return mod
+
+    @property
+    def tensor_params(self) -> list[tuple[str, str]]:
+        return [tuple(p) for p in self.launch["params"]]
+
+    def loss_shape(self, rows: int, width: int) -> tuple:
+        if self.reduction != "none":
+            return ()
+        return (rows, width) if self.loss_level is Level.ELEM else (rows,)
+
+
+def load(meta, source: str, folder: Path) -> Artifact:
+    """Compile (or read) the image for the current device's arch and register the kernel."""
+    why = unavailable_reason(meta.variant.device)
+    if why is not None:
+        raise BackendError(why)
+    kern = CudaKernel(meta.fn_name, source, Path(folder), launch_info(source),
+                      meta.variant.reduction, meta.loss_level)
+    kern.image(device_target())   # errors surface now, where the compiler can fall back
+    register(kern)
+    info = {"kernel": kern, "dump": {f"compile.{t}.log": log for t, log in kern.logs.items()}}
+    return Artifact(fn=functools.partial(fused, kern), source=source, info=info)
+
+
+def register(kern: CudaKernel) -> CudaKernel:
+    """Give kern its index in KERNELS (the custom op refers to kernels by index)."""
+    kern.index = len(KERNELS)
+    KERNELS.append(kern)
+    return kern
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare(call, kern: CudaKernel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """pred as a contiguous (R, K) view and the other inputs in kernel order and kernel dtypes."""
+    pred = call.pred.detach().reshape(call.rows, call.width).contiguous()
+    compute = _compute_dtype(pred.dtype)
+    for name, n in kern.launch["tables"].items():
+        if n != call.width:
+            raise InputError(f"{call.name}: {name} has {n} values but pred has {call.width} "
+                             f"classes (last dimension)")
+    inputs = []
+    for ctype, name in kern.tensor_params[1:]:
+        t = call.tensors[name].detach()
+        if t.device != pred.device:   # e.g. a CPU scalar a loss hook made: the kernel reads it
+            t = t.to(pred.device)
+        if ctype == "T" and t.dtype != compute:
+            t = t.to(compute)
+        inputs.append(t.contiguous())
+    return pred, inputs
+
+
+def denominator(call, device: torch.device) -> tuple[Optional[torch.Tensor], float]:
+    """'mean''s denominator as (device scalar, 0.0) or (None, value); never a host sync."""
+    d = call.denom
+    if not isinstance(d, torch.Tensor):
+        return None, float(d or 0.0)
+    if d.device.type == "cpu":
+        return None, float(d)      # a CPU scalar is read on the host: no device sync
+    if d.device != device:
+        d = d.to(device)
+    if d.dtype not in (torch.float32, torch.float64):
+        d = d.to(torch.float32)
+    return d.reshape(()), 0.0
+
+
+def _divider(width: int) -> tuple[int, int, int]:
+    """(magic, shift, limit) so that i // width == (umulhi(i, magic) + i) >> shift for i < limit."""
+    if width <= 0 or width >= 1 << 31:
+        return 1, 0, 0
+    shift = max(0, (width - 1).bit_length())
+    magic = ((1 << 32) * ((1 << shift) - width)) // width + 1
+    return magic, shift, 1 << 31
+
+
+def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
+          denom: Optional[torch.Tensor], denom_value: float, grad: bool,
+          fast_limit: int | None = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Launch the kernel (and its combine) on pred's device: returns (loss, grad or None)."""
+    rows, width = pred.shape
+    dev = pred.device
+    mod = kern.launcher(dev)
+    block, n = kern.launch["block"], rows * width
+    accumulate = kern.launch["accumulate"]
+    loss = torch.empty(kern.loss_shape(rows, width), dtype=_compute_dtype(pred.dtype), device=dev)
+    g = torch.empty((rows, width), dtype=pred.dtype, device=dev) if grad else None
+    if kern.launch["schedule"] == "elem":
+        work = math.ceil(n / (block * kern.launch["unroll"]))
+    else:
+        work = math.ceil(rows / (block // 32))
+    blocks = max(1, min(work, mod.max_blocks(kern.name, block)))
+    partials = torch.empty(blocks, dtype=torch.float64, device=dev) if accumulate else None
+    magic, shift, limit = _divider(width)
+    if fast_limit is not None:
+        limit = min(limit, fast_limit)
+    dptr = denom.data_ptr() if denom is not None else 0
+    dkind = 0 if denom is None else (1 if denom.dtype == torch.float32 else 2)
+    pptr = partials.data_ptr() if partials is not None else 0
+    values = [pred.data_ptr(), *(t.data_ptr() for t in inputs), dptr, dkind, denom_value, rows,
+              width, magic, shift, limit, loss.data_ptr(), g.data_ptr() if g is not None else 0,
+              pptr]
+    mod.launch(kern.name, blocks, block, values, ("ptr",) * (1 + len(inputs)) + MAIN_TAIL)
+    if accumulate:
+        mod.launch(f"{kern.name}_finish", 1, block,
+                   (pptr, blocks, dptr, dkind, denom_value, loss.data_ptr()), FINISH_ARGS)
+    return loss, g
+
+
+def run(artifact: Artifact, call, meta):
+    """Run the kernel on pred's device and current stream; returns (loss, grad or None)."""
+    kern: CudaKernel = artifact.info["kernel"]
+    pred, inputs = prepare(call, kern)
+    denom, value = denominator(call, pred.device)
+    grad = meta.variant.grad
+    if _compiling() and HAS_OP:
+        loss, g = torch.ops.lossgraph.cuda_fused(kern.index, pred, inputs, denom, value, grad)
+        g = g if grad else None
+    else:
+        loss, g = fused(kern, pred, inputs, denom, value, grad)
+    return loss, (g.reshape(call.pred.shape) if g is not None else None)
+
+
+# -- torch.compile: the launch as a custom op ------------------------------------------------------
+
+def _compiling() -> bool:
+    """True while dynamo traces (torch.compiler.is_compiling from torch 2.3 on)."""
+    f = getattr(torch.compiler, "is_compiling", None)
+    return f() if f is not None else torch._dynamo.is_compiling()
+
+
+HAS_OP = hasattr(torch.library, "custom_op")   # torch >= 2.4; older torch breaks the graph here
+if HAS_OP:
+    @torch.library.custom_op("lossgraph::cuda_fused", mutates_args=(), device_types="cuda")
+    def _fused_op(kernel: int, pred: torch.Tensor, inputs: list[torch.Tensor],
+                  denom: Optional[torch.Tensor], denom_value: float,
+                  grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Note [Custom op]: under torch.compile the launch is this opaque op (eager calls
+        launch directly, skipping the dispatcher); the fake below gives shapes and dtypes to the
+        tracer. Without a gradient the second output is an empty tensor (no None outputs)."""
+        loss, g = fused(KERNELS[kernel], pred, inputs, denom, denom_value, grad)
+        return loss, g if g is not None else pred.new_empty((0,))
+
+    @_fused_op.register_fake
+    def _fused_fake(kernel, pred, inputs, denom, denom_value, grad):
+        rows, width = pred.shape
+        shape = KERNELS[kernel].loss_shape(rows, width)
+        loss = pred.new_empty(shape, dtype=_compute_dtype(pred.dtype))
+        return loss, pred.new_empty((rows, width) if grad else (0,))
+
+
+# -- backward: grad *= grad_output on the device ---------------------------------------------------
+
+SCALE_KINDS = {torch.float32: ("f32", "float", "float", "(float)gd", 0),
+               torch.float64: ("f64", "double", "double", "gd", 1),
+               torch.float16: ("f16", "lg_half", "float",
+                               "lg_half_to_float(lg_float_to_half((float)gd))", 2),
+               torch.bfloat16: ("bf16", "lg_bf16", "float",
+                                "lg_bf16_to_float(lg_float_to_bf16((float)gd))", 3)}
+
+
+def render_scale() -> str:
+    """The source of the grad_output scaling kernels, one per gradient dtype."""
+    kinds = [(n, s, c, r) for n, s, c, r, _ in SCALE_KINDS.values()]
+    header = "\n".join(f"// {line}" for line in (
+        "Generated by lossgraph. Do not edit.", "backend: cuda (grad_output scaling)"))
+    return codegen.render("cuda/scale.cu.j2", header=header, kinds=kinds, block=BLOCK)
+
+
+@functools.lru_cache(maxsize=None)
+def _scaler() -> CudaKernel:
+    src = render_scale()
+    key = cache.sha(src + json.dumps(components(None)))[:32]
+    folder = cache.cache_dir() / "cuda" / "scale" / key
+    return CudaKernel("lg_scale", src, folder, {}, "sum", Level.SCALAR)
+
+
+def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor,
+               launcher: Callable | None = None) -> torch.Tensor:
+    """grad.mul_(g) for a 0-d grad_output g, on the device, skipped there when g == 1."""
+    if _compiling() or g.device != grad.device or not grad.is_contiguous() \
+            or g.dtype not in SCALE_KINDS or grad.dtype not in SCALE_KINDS:
+        return grad.mul_(g.to(grad.dtype))
+    name = SCALE_KINDS[grad.dtype][0]
+    mod = (launcher or _scaler().launcher)(grad.device)
+    fn = f"lg_scale_{name}"
+    n = grad.numel()
+    blocks = max(1, min(math.ceil(n / (BLOCK * UNROLL)), mod.max_blocks(fn, BLOCK)))
+    mod.launch(fn, blocks, BLOCK, (grad.data_ptr(), n, g.data_ptr(), SCALE_KINDS[g.dtype][4]),
+               SCALE_ARGS)
+    return grad

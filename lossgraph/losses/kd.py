@@ -1,0 +1,34 @@
+"""KnowledgeDistillationKLDivLoss (kd_loss.py): LD's KL divergence between tempered softmaxes."""
+from __future__ import annotations
+
+from ..build import check
+from ..registry import register_loss
+from ..symbolic import exp, log, logsumexp, rowmax, rowsum, stop_gradient, where, width
+
+FORWARD = ("pred", "soft_label", "weight=None", "avg_factor=None", "reduction_override=None")
+
+
+def _kd_forward(module, a):
+    """soft_label is the target; MMDetection detaches its softmax, so it never gets a gradient."""
+    a = dict(a)
+    soft_label = a.pop("soft_label")
+    a["target"] = soft_label.detach() if hasattr(soft_label, "detach") else soft_label
+    return module.run_pipeline(a)
+
+
+@register_loss("KnowledgeDistillationKLDivLoss", forward=FORWARD, hooks={"forward": _kd_forward},
+               _builtin=True)
+def kd_kl_div_loss(pred, target, T: float = 10):
+    """T^2 * mean over the K columns of q (log q - log_softmax(pred / T)), q = softmax(soft / T).
+
+    As in MMDetection 3.3.0: a *mean* over the K columns (not a sum), q detached, and
+    F.kl_div's xlogy convention (a term with q == 0 is 0). q is computed as torch's softmax
+    (exp(s - max) / sum) and log q = log(q), so the values round as MMDetection's do.
+    """
+    check(T >= 1, f"T must be >= 1, got {T}")
+    s = target / T
+    e = exp(s - rowmax(s))
+    q = stop_gradient(e / rowsum(e))
+    xlogy = where(q == 0, 0.0, q * log(q))
+    logp = pred / T - logsumexp(pred / T)
+    return rowsum(xlogy - q * logp) / width(pred) * (T * T)

@@ -1,0 +1,218 @@
+"""SeesawLoss (seesaw_loss.py): long-tail softmax CE with mitigation and compensation factors.
+
+cls_score has C + 2 columns: C class logits, then 2 objectness logits (object, background).
+Each forward first adds the batch's label counts to the `cum_samples` buffer (C + 1 entries), then
+returns two losses:
+  - loss_cls_classes: on positive rows (label < C), the CE of z' = z + log(M * K) off the label
+    column, with the mitigation M_j = (N_j / N_y)^p where N_j < N_y (counts clamped >= 1) and the
+    compensation K_j = (s_j / max(s_y, eps))^q where that ratio > 1, s = softmax(z) detached.
+  - loss_cls_objectness: softmax CE of the last 2 logits against [label == C].
+Both are multiplied by label_weights, reduced (avg_factor as usual) and scaled by loss_weight.
+
+Note [Seesaw without a host sync]: MMDetection selects the positive rows (and tests
+`pos_inds.sum() > 0`), which reads data back to the host. Here the class kernel runs over every
+row of the full (N, C + 2) score, masks the 2 objectness columns with -inf, and zeroes the loss of
+non-positive rows, so 'mean' and 'sum' need no sync: the count updates go through count_values,
+and 'mean' divides by the number of positives as a device scalar, max(N_pos, 1) (Note [Exact
+positive count]). With no positives the class loss is 0 with a zero gradient, as MMDetection's
+cls_score[pos].sum(). Only reduction='none', whose result has N_pos rows, selects them on the
+host.
+
+Quirks kept: the counts are updated before the loss (and before the ValueError that 'sum' with an
+avg_factor raises); 'none' returns (N_pos,) and (N,) losses, whose sum with return_dict=False
+only broadcasts when N_pos is N or 1, as in MMDetection.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..build import check, col_input
+from ..config import check_reduction, parse
+from ..inputs import EPS32, FLOATS, INTS, check_label_range, check_pred, fail, target_form
+from ..registry import register_loss
+from ..symbolic import (class_index, clamp, exp, log, logsumexp, rowmax, rowsum, stop_gradient,
+                        take, where)
+from .ghm import count_values
+
+FORWARD = ("cls_score", "labels", "label_weights=None", "avg_factor=None",
+           "reduction_override=None")
+CUM = "cum_samples"     # the kernel's per-column input: cum_samples[:C], padded to C + 2
+
+
+def _compute_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+def _bind_target(spec, call, target):
+    """The forward hook passes (labels, per-column counts); the counts are a kernel input."""
+    labels, cum = target
+    call.target_form = target_form(spec.name, "labels", call.pred, labels)
+    call.tensors["label"] = labels
+    call.tensors[CUM] = cum
+
+
+def _num_pos(spec, call):
+    """'mean' without avg_factor averages over the positive rows (at least 1), on the device.
+
+    Note [Exact positive count]: the pipeline adds eps32 to whatever this returns, in its dtype
+    (an avg_factor's rule); MMDetection's mean divides by N_pos exactly. So this returns
+    N_pos - eps32, which the pipeline's + eps32 turns back into exactly N_pos: the subtraction
+    is exact in float64, and in float32 it rounds to a value that the addition rounds back to
+    N_pos (below 2 it is exact; from 2 up eps32 is at most half an ulp and ties go to the
+    even integer).
+    """
+    labels = call.tensors["label"]
+    n = (labels < spec.kwargs()["num_classes"]).sum().to(_compute_dtype(call.pred)).clamp(min=1)
+    return n - EPS32
+
+
+def _state(spec):
+    return {"cum_samples": torch.zeros(spec.kwargs()["num_classes"] + 1, dtype=torch.float)}
+
+
+def _objectness_loss(module):
+    """The objectness part is MMDetection's softmax cross_entropy: lossgraph's own
+    CrossEntropyLoss, compiled once per module for its backend, reduction and loss_weight."""
+    sub = module.__dict__.get("_objectness")
+    if sub is None:
+        from ..runtime import CompiledLoss   # runtime imports the losses package
+        cfg = dict(type="CrossEntropyLoss", reduction=module.spec.reduction,
+                   loss_weight=module.spec.loss_weight)
+        sub = CompiledLoss(parse(cfg), module.compiler.backend, module.compiler.dump_dir)
+        module.__dict__["_objectness"] = sub   # a plain attribute: no submodule, no state_dict key
+    return sub
+
+
+def _check_inputs(module, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    spec, c = module.spec, module.num_classes
+    cls_score = check_pred(spec.name, a["pred"])
+    if cls_score.shape[-1] != c + 2:
+        fail(spec.name, f"cls_score must have num_classes + 2 = {c + 2} channels (classes, then "
+                        f"object and background), got shape {tuple(cls_score.shape)}")
+    labels = a["target"]
+    target_form(spec.name, "labels", cls_score, labels)
+    check_label_range(spec.name, labels, 0, c, f"{c} = background")
+    if module.cum_samples.device != cls_score.device:
+        fail(spec.name, f"the cum_samples buffer is on {module.cum_samples.device} but cls_score "
+                        f"is on {cls_score.device}: move the loss with .to(device)")
+    lw = a.get("weight")
+    if lw is not None:
+        if not isinstance(lw, torch.Tensor) or lw.dtype not in FLOATS + INTS + (torch.bool,):
+            fail(spec.name, f"label_weights must be a numeric tensor or None, got "
+                            f"{getattr(lw, 'dtype', type(lw).__name__)}")
+        if lw.device != cls_score.device:
+            fail(spec.name, f"label_weights is on {lw.device} but cls_score is on "
+                            f"{cls_score.device}")
+    return cls_score, labels, lw
+
+
+def _forward(module, a):
+    """Update the class counts, then run the class kernel and the objectness kernel."""
+    spec, c = module.spec, module.num_classes
+    override = a.get("reduction_override")
+    if override is not None:
+        check_reduction(spec.name, override, "reduction_override")
+    cls_score, labels, lw = _check_inputs(module, a)
+    with torch.no_grad():
+        cum = module.cum_samples
+        cum.add_(count_values(labels, c + 1).to(cum.dtype))
+        cols = torch.cat([cum.narrow(0, 0, c), cum.new_ones(2)]).to(_compute_dtype(cls_score))
+    lw = lw.float() if lw is not None else labels.new_ones(labels.shape, dtype=torch.float32)
+    avg = a.get("avg_factor")
+    classes = module.run_pipeline({"pred": cls_score, "target": (labels, cols), "weight": lw,
+                                   "avg_factor": avg, "reduction_override": override})
+    if (override or spec.reduction) == "none":
+        pos = labels < c
+        classes = classes[pos] if bool(pos.any()) else cls_score[..., :c][pos].sum()
+    objectness = _objectness_loss(module)(cls_score.narrow(-1, c, 2), (labels == c).long(), lw,
+                                          avg, override)
+    if module.return_dict:
+        return {"loss_cls_objectness": objectness, "loss_cls_classes": classes}
+    return classes + objectness
+
+
+# -- the hooks heads call -----------------------------------------------------------------------
+
+def _split(self, cls_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cls_score.size(-1) != self.num_classes + 2:
+        fail(self.spec.name, f"cls_score must have num_classes + 2 = {self.num_classes + 2} "
+                             f"channels, got shape {tuple(cls_score.shape)}")
+    return cls_score[..., :-2], cls_score[..., -2:]
+
+
+def get_cls_channels(self, num_classes: int) -> int:
+    """The classifier's output channels: num_classes + 2 (the two objectness logits)."""
+    if num_classes != self.num_classes:
+        fail(self.spec.name, f"get_cls_channels({num_classes}) but the loss was configured with "
+                             f"num_classes={self.num_classes}")
+    return num_classes + 2
+
+
+def get_activation(self, cls_score: torch.Tensor) -> torch.Tensor:
+    """(N, C + 1) scores: softmax(classes) * P(object), then P(background)."""
+    classes, objectness = _split(self, cls_score)
+    p_cls = F.softmax(classes, dim=-1)
+    p_obj = F.softmax(objectness, dim=-1)
+    return torch.cat([p_cls * p_obj[..., [0]], p_obj[..., [1]]], dim=-1)
+
+
+def top1_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Percentage of rows whose top-1 class is the target, as a (1,) tensor (0-d 0 if no rows);
+    the same topk, ties and rounding as mmdet's accuracy(pred, target, topk=1)."""
+    if pred.size(0) == 0:
+        return pred.new_tensor(0.0)
+    top = pred.topk(1, dim=1).indices.reshape(-1)
+    correct = (top == target.reshape(-1)).float().sum(0, keepdim=True)
+    return correct.mul_(100.0 / pred.size(0))
+
+
+def get_accuracy(self, cls_score: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{'acc_objectness', 'acc_classes'}: top-1 accuracy of each part (classes on positives)."""
+    pos = labels < self.num_classes
+    classes, objectness = _split(self, cls_score)
+    return {"acc_objectness": top1_accuracy(objectness, (labels == self.num_classes).long()),
+            "acc_classes": top1_accuracy(classes[pos], labels[pos])}
+
+
+def _attrs(spec):
+    return {"custom_cls_channels": True, "custom_activation": True, "custom_accuracy": True,
+            "get_cls_channels": get_cls_channels, "get_activation": get_activation,
+            "get_accuracy": get_accuracy}
+
+
+@register_loss("SeesawLoss", target="labels", weight="rows", forward=FORWARD,
+               quirks=("weight_float",),
+               hooks={"forward": _forward, "bind_target": _bind_target, "avg_factor": _num_pos,
+                      "state": _state, "attrs": _attrs}, _builtin=True)
+def seesaw_loss(pred, target, use_sigmoid: bool = False, p: float = 0.8, q: float = 2.0,
+                num_classes: int = 1203, eps: float = 1e-2, return_dict: bool = True):
+    """The class part, per row of the full (N, C + 2) score: CE(z', y) on positive rows, else 0.
+
+    z' = z + log(M * K) off the label column (see the module docstring); the objectness columns
+    are masked out with -inf. M and K carry no gradient (counts; a detached softmax).
+    """
+    check(not use_sigmoid, "use_sigmoid=True is not supported: SeesawLoss is a softmax loss")
+    check(num_classes >= 1, f"num_classes must be a positive integer, got {num_classes}")
+    k = class_index(pred)
+    z = where(k < num_classes, pred, -math.inf)
+    factor = None
+    if p > 0:       # mitigation: (N_j / N_y)^p where class j has fewer samples than the label y
+        counts = clamp(col_input(CUM), min=1.0)
+        ratio = counts / take(counts, target)
+        factor = where(ratio < 1.0, ratio ** p, 1.0)
+    if q > 0:       # compensation: (s_j / max(s_y, eps))^q where class j scores above the label
+        zd = stop_gradient(z)
+        top = rowmax(zd)
+        e = exp(zd - top)
+        total = rowsum(e)
+        s_y = exp(take(zd, target) - top) / total   # softmax at y, as the element formula gives it
+        ratio = e / total / clamp(s_y, min=eps)
+        comp = where(ratio > 1.0, ratio ** q, 1.0)
+        factor = comp if factor is None else factor * comp
+    if factor is not None:
+        z = where(k == target, z, z + log(factor))
+    nll = logsumexp(z) - take(pred, target)
+    return where(target < num_classes, nll, 0.0)

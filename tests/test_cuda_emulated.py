@@ -1,0 +1,332 @@
+"""The CUDA kernels executed on the host by a small CUDA emulator (tests/emu, cuda_emulator.py).
+
+Without a GPU this is what checks the CUDA skeleton itself: the grid-stride loops and their 64-bit
+row division, the warp-per-row reductions, the gathers and the one-hot split, the per-block
+partials and the ordered combine, the epilogue, fp16/bf16 loads and stores, the grad_output
+scaling kernel, and the backend's own launch planning (cuda.prepare, cuda.fused). The element math
+is the cpp twin's (test_cuda_compile.py checks the statements are the same text); here the CUDA
+kernel's results are compared with the cpp backend's on the same call.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import lossgraph as lg
+from lossgraph import codegen
+from lossgraph.backends import cuda
+from lossgraph.build import Variant
+
+from conftest import _backend_available
+from cuda_emulator import Emulator, _build, compiler
+
+pytestmark = pytest.mark.skipif(compiler() is None or not _backend_available("cpp"),
+                                reason="the CUDA emulator needs g++ (and the cpp twin)")
+
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def emulated(cfg: dict, pred: torch.Tensor, *args, max_blocks: int = 3, **kwargs):
+    """(cuda kernel outputs, cpp kernel outputs, kernel) for one call of a loss config."""
+    m = lg.compile(cfg, backend="cpp")
+    calls = []
+    launch = m._launch
+    m._launch = lambda call, level: (calls.append(call), launch(call, level))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(pred.detach().clone().requires_grad_(True), *args, **kwargs)
+    call, cv = calls[-1], m._last
+    want = cv.run(call)
+    v = dataclasses.replace(cv.meta.variant, device="cuda")
+    src, meta, _ = m.compiler.generate(v, "cuda")
+    kern = cuda.CudaKernel(meta.fn_name, src, None, cuda.launch_info(src), v.reduction,
+                           meta.loss_level)
+    kern.launcher = Emulator(src, max_blocks)
+    got = run_kernel(kern, call, v)
+    return got, want, kern, call, v
+
+
+def run_kernel(kern, call, v: Variant, **kw):
+    pred, inputs = cuda.prepare(call, kern)
+    d = call.denom
+    compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    denom = d.reshape(()).to(compute) if isinstance(d, torch.Tensor) else None   # host memory
+    loss, grad = cuda.fused(kern, pred, inputs, denom, 0.0 if denom is not None else float(d or 0),
+                            v.grad, **kw)
+    return loss, (grad.reshape(call.pred.shape) if grad is not None else None)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str):
+    assert a.shape == b.shape, f"{what}: {tuple(a.shape)} != {tuple(b.shape)}"
+    a, b = a.double(), b.double()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN at different places"
+    inf = torch.isinf(b)
+    assert torch.equal(a[inf], b[inf]), f"{what}: infinities differ"
+    ok = ~(torch.isnan(b) | inf)
+    scale = max(b[ok].abs().max().item(), 1e-30) if ok.any() else 1.0
+    err = ((a - b)[ok].abs().max().item() if ok.any() else 0.0) / scale
+    assert err <= TOL[dtype], f"{what}: max |cuda - cpp| / max |cpp| = {err:.3g}"
+
+
+def check(cfg, pred, *args, **kwargs):
+    (loss, grad), (want_loss, want_grad), kern, call, v = emulated(cfg, pred, *args, **kwargs)
+    assert grad is not None and grad.dtype == pred.dtype
+    assert_close(loss, want_loss, pred.dtype, "loss")
+    assert_close(grad, want_grad, pred.dtype, "grad")
+    return kern, call, v
+
+
+N, C = 1500, 7
+gen = torch.Generator().manual_seed(0)
+
+
+def logits(n=N, c=C, scale=4.0, dtype=torch.float32):
+    return (torch.randn(n, c, generator=gen) * scale).to(dtype)
+
+
+def labels(n=N, c=C, lo=0):
+    return torch.randint(lo, c + 1, (n,), generator=gen)
+
+
+def rand(*shape):
+    return torch.rand(*shape, generator=gen)
+
+
+# -- parity with the cpp twin ----------------------------------------------------------------------
+
+def test_focal_labels_row_weight_tensor_avg_factor():
+    """'elem' schedule with a row division, the one-hot split, a device-scalar denominator."""
+    kern, _, _ = check(dict(type="FocalLoss"), logits(), labels(), weight=rand(N),
+                       avg_factor=torch.tensor(37.0))
+    assert kern.launch["schedule"] == "elem" and kern.launch["accumulate"]
+
+
+def test_focal_options_elem_weight_float_avg_factor_extreme_logits():
+    x = logits()
+    x[:40] = 50.0 * torch.sign(torch.randn(40, C, generator=gen))
+    check(dict(type="FocalLoss", gamma=1.5, alpha=0.4, loss_weight=2.0), x, labels(),
+          weight=rand(N * C), avg_factor=123.5)
+
+
+def test_focal_dense_target_none_is_flat_and_stores():
+    kern, _, _ = check(dict(type="FocalLoss", reduction="none"), logits(),
+                       (rand(N, C) > 0.8).float())
+    assert not kern.launch["accumulate"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_focal_half_precision_is_finite_where_mmcv_is_nan(dtype):
+    """mmcv's op gives NaN in fp16 from |x| ~ 9 (its FLT_MIN clamp rounds to 0): fp32 math here."""
+    x = torch.where(rand(N, C) > 0.5, 20.0, -20.0) * torch.sign(torch.randn(N, C, generator=gen))
+    (loss, grad), *_ = emulated(dict(type="FocalLoss"), x.to(dtype), labels(), weight=rand(N))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
+    check(dict(type="FocalLoss"), logits(dtype=dtype), labels(), weight=rand(N),
+          avg_factor=torch.tensor(11.0))
+
+
+def test_softmax_cross_entropy_rows_schedule_gather_table():
+    """'rows' schedule: warp max and sum, the label gather, class_weight compiled in."""
+    y = labels(c=C - 1)
+    y[::17] = 2   # the ignore_index
+    kern, _, _ = check(dict(type="CrossEntropyLoss", class_weight=[0.5 + i for i in range(C)],
+                            ignore_index=2, avg_non_ignore=True), logits(), y, weight=rand(N))
+    assert kern.launch["schedule"] == "rows" and kern.launch["tables"] == {"class_weight": C}
+
+
+def test_softmax_cross_entropy_none_stores_rows():
+    x = logits(n=300, c=40)
+    x[3, 5] = float("nan")
+    x[4] = float("-inf")
+    x[4, 1] = 0.0
+    kern, _, _ = check(dict(type="CrossEntropyLoss", reduction="none"), x, labels(300, 39))
+    assert kern.loss_shape(300, 40) == (300,)
+
+
+def test_sigmoid_cross_entropy_bf16_with_ignored_labels():
+    check(dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"),
+          logits(dtype=torch.bfloat16), labels(lo=-1))
+
+
+@pytest.mark.parametrize("cfg,dtype", [
+    (dict(type="L1Loss", reduction="sum"), torch.float16),
+    (dict(type="SmoothL1Loss", beta=0.11, reduction="none"), torch.bfloat16),
+    (dict(type="MSELoss", loss_weight=2.0), torch.float32),
+    (dict(type="BalancedL1Loss"), torch.float64),
+])
+def test_box_losses_flat(cfg, dtype):
+    x, t = torch.randn(2000, 4, generator=gen), torch.randn(2000, 4, generator=gen)
+    check(cfg, x.to(dtype), t, weight=rand(2000, 4))
+
+
+def test_gaussian_focal_float64():
+    heat = rand(2, 3, 16, 16).clamp(1e-4, 1 - 1e-4).double()
+    target = torch.where(rand(2, 3, 16, 16) > 0.95, 1.0, rand(2, 3, 16, 16)).double()
+    check(dict(type="GaussianFocalLoss", pos_weight=0.25, neg_weight=0.75), heat, target)
+
+
+def test_one_dimensional_pred_is_one_long_row():
+    x = torch.randn(5000, generator=gen)
+    check(dict(type="CrossEntropyLoss", use_sigmoid=True), x, (rand(5000) > 0.5).float())
+
+
+# -- the skeleton's own guarantees --------------------------------------------------------------
+
+def test_bitwise_reproducible():
+    (l1, g1), _, kern, call, v = emulated(dict(type="FocalLoss"), logits(), labels(),
+                                          weight=rand(N))
+    l2, g2 = run_kernel(kern, call, v)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+def test_64_bit_row_division_path_agrees():
+    """Above fast_limit the row is i / K in 64 bits (what N*C >= 2^31 uses); same bits."""
+    (loss, grad), _, kern, call, v = emulated(dict(type="FocalLoss"), logits(), labels(),
+                                              weight=rand(N))
+    l2, g2 = run_kernel(kern, call, v, fast_limit=333)
+    assert torch.equal(loss, l2) and torch.equal(grad, g2)
+
+
+def test_grid_covers_every_element_and_row():
+    """More elements than one sweep of the grid: every gradient entry is written."""
+    for cfg, x, y in [(dict(type="FocalLoss"), logits(5000, 3), labels(5000, 3)),
+                      (dict(type="CrossEntropyLoss"), logits(999, 33), labels(999, 32))]:
+        (loss, grad), (wl, wg), kern, *_ = emulated(cfg, x, y, max_blocks=2)
+        assert torch.isfinite(grad).all()
+        assert_close(grad, wg, torch.float32, "grad")
+
+
+def test_empty_input_gives_the_empty_mean():
+    cfg = dict(type="MSELoss")
+    m = lg.compile(cfg, backend="cpp")
+    src, meta, _ = m.compiler.generate(Variant(device="cuda"), "cuda")
+    kern = cuda.CudaKernel(meta.fn_name, src, None, cuda.launch_info(src), "mean", meta.loss_level)
+    kern.launcher = Emulator(src)
+    x = torch.empty(0, 4)
+    loss, grad = cuda.fused(kern, x, [torch.empty(0, 4)], None, 0.0, True)
+    assert torch.isnan(loss) and grad.shape == (0, 4)
+
+
+# -- grad_output scaling ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scaler():
+    return Emulator(cuda.render_scale())
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("odtype", [torch.float32, torch.float16, torch.float64])
+def test_scale_grad_matches_mul(scaler, gdtype, odtype):
+    grad = torch.randn(3000, generator=gen).to(gdtype)
+    for g in (2.5, -0.37, 1.0):
+        go = torch.tensor(g, dtype=odtype)
+        want = grad.clone().mul_(go.to(gdtype))
+        got = cuda.scale_grad(None, grad.clone(), go, launcher=scaler)
+        assert torch.equal(got, want), (g, gdtype, odtype)
+
+
+# -- half and bfloat16 conversions of the prelude ----------------------------------------------
+
+def _conversions():
+    prelude = codegen.render("cuda/device.cuh.j2", block=256)
+    from cuda_emulator import EMU
+    text = prelude + """
+extern "C" void lg_convert(const float* x, unsigned short* h, unsigned short* b, float* hf,
+                           float* bf, long long n) {
+  for (long long i = 0; i < n; i++) {
+    h[i] = lg_float_to_half(x[i]); b[i] = lg_float_to_bf16(x[i]);
+    hf[i] = lg_half_to_float(h[i]); bf[i] = lg_bf16_to_float(b[i]);
+  }
+}
+"""
+    from cuda_emulator import runtime
+    runtime()
+    return ctypes.CDLL(str(_build(text, ["-include", str(EMU / "cuda_emu.h"), "-x", "c++"])))
+
+
+def test_half_and_bfloat16_conversions_round_like_torch():
+    special = [0.0, -0.0, 1.0, -2.5, 65504.0, 65519.99, 65520.0, 1e6, 2.0 ** -14, 2.0 ** -24,
+               2.0 ** -25, 2.0 ** -25 * 1.0001, 2.0 ** -26, 1e-8, 3.0e38, 1.0 + 2.0 ** -11,
+               1.0 + 3 * 2.0 ** -11, float("inf"), float("-inf"), float("nan")]
+    bits = torch.randint(-(2 ** 31), 2 ** 31 - 1, (200000,), generator=gen, dtype=torch.int64)
+    x = torch.cat([torch.tensor(special), bits.to(torch.int32).view(torch.float32),
+                   torch.randn(100000, generator=gen) * 1e3,
+                   torch.randn(100000, generator=gen) * 1e-5])
+    x = x.contiguous()
+    n = x.numel()
+    h, b = torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int16)
+    hf, bf = torch.empty(n), torch.empty(n)
+    lib = _conversions()
+    lib.lg_convert(*(ctypes.c_void_p(t.data_ptr()) for t in (x, h, b, hf, bf)),
+                   ctypes.c_longlong(n))
+    for got_bits, got_f, dt in ((h, hf, torch.float16), (b, bf, torch.bfloat16)):
+        want = x.to(dt)
+        nan = torch.isnan(x)
+        assert torch.isnan(got_bits.view(dt)[nan]).all() and torch.isnan(got_f[nan]).all()
+        assert torch.equal(got_bits[~nan], want.view(torch.int16)[~nan]), dt
+        assert torch.equal(got_f[~nan], want.float()[~nan]), dt
+
+
+# -- torch.compile: the custom op and its fake --------------------------------------------------
+
+def test_custom_op_under_torch_compile(monkeypatch):
+    """The launch op traces with fullgraph=True through AOTAutograd (its fake gives the shapes);
+    a CPU kernel backed by the emulator stands in for the GPU."""
+    (_, _), _, kern, call, v = emulated(dict(type="FocalLoss"), logits(64, 5), labels(64, 5))
+    cuda.register(kern)
+    lib = torch.library.Library("lossgraph", "IMPL")   # noqa: F841 - keeps the CPU kernel alive
+
+    def cpu_kernel(kernel, pred, inputs, denom, denom_value, grad):
+        loss, g = cuda.fused(cuda.KERNELS[kernel], pred, inputs, denom, denom_value, grad)
+        return loss, g if g is not None else pred.new_empty((0,))
+    lib.impl("cuda_fused", cpu_kernel, "CPU")
+    pred, inputs = cuda.prepare(call, kern)
+
+    def f(p, y):
+        loss, grad = torch.ops.lossgraph.cuda_fused(kern.index, p, [y], None, float(call.denom),
+                                                    True)
+        return loss * 2, grad.sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(pred, inputs[0])
+    want = f(pred, inputs[0])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# -- the whole runtime path, with the emulator standing in for the device -------------------------
+
+def test_compiled_loss_end_to_end(monkeypatch):
+    """lg.compile(cfg, backend='cuda') on CPU tensors, the GPU replaced by the emulator: load
+    (NVRTC for sm_80 included), run, and backward through the runtime's scale_grad hook."""
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device="cuda": None)
+    monkeypatch.setattr(cuda, "device_target", lambda index=None: "sm_80")
+    emulators = {}
+
+    def launcher(self, device):
+        if self.name not in emulators:
+            emulators[self.name] = Emulator(self.source)
+        return emulators[self.name]
+    monkeypatch.setattr(cuda.CudaKernel, "launcher", launcher)
+    cfg = dict(type="FocalLoss", loss_weight=0.5)
+    x, y, w = logits(), labels(), rand(N)
+    avg = torch.tensor(40.0)
+    results = []
+    for backend in ("cuda", "cpp"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = lg.compile(cfg, backend=backend)
+            p = x.clone().requires_grad_(True)
+            (loss(p, y, weight=w, avg_factor=avg) * 2.5).backward()
+            q = x.clone().requires_grad_(True)
+            out = loss(q, y, weight=w, avg_factor=avg)
+            out.backward()
+        assert loss.compiler.backend_for("cpu") == backend
+        results.append((out.detach(), p.grad, q.grad))
+    (o1, p1, q1), (o2, p2, q2) = results
+    assert_close(o1, o2, torch.float32, "loss")
+    assert_close(p1, p2, torch.float32, "grad * 2.5")
+    assert_close(q1, q2, torch.float32, "grad")
+    assert any(name.startswith("lg_scale") for name in emulators), "scale_grad was not used"

@@ -72,7 +72,7 @@ class Compiler:
             backends.get(backend)  # validates the name
         self.spec, self.backend, self.dump_dir = spec, backend, dump_dir
         self._variants: dict[Variant, int] = {}   # variant -> i; the kernel is self._compiled_<i>
-        self._levels: dict[tuple, Level] = {}
+        self._levels: dict[tuple, tuple[Level, bool]] = {}
         self._fallback_warned = False
         self.default_variant()  # traces the math once, so config errors surface at compile()
 
@@ -97,11 +97,22 @@ class Compiler:
 
     def loss_level(self, target: str, params: tuple) -> Level:
         """Whether the loss has one value per element or per row (for weights and 'none')."""
+        return self._analyse(target, params)[0]
+
+    def row_coupled(self, target: str, params: tuple) -> bool:
+        """True for a per-element loss whose elements also read other columns of their row."""
+        return self._analyse(target, params)[1]
+
+    def _analyse(self, target: str, params: tuple) -> tuple[Level, bool]:
         key = (target, params)
         if key not in self._levels:
             g = build(self.spec, Variant(reduction="none", target=target, grad=False, params=params))
             red = g.find(Op.REDUCE)[0]
-            self._levels[key] = g.levels()[g[red].srcs[0]]
+            lv = g.levels()
+            preds = [i for i in g.ids() if g[i].op is Op.INPUT and g[i].arg.name == "pred"]
+            coupled = lv[g[red].srcs[0]] is Level.ELEM and \
+                any(lv[i] is Level.ROW for i in g.depends_on(preds))
+            self._levels[key] = (lv[g[red].srcs[0]], coupled)
         return self._levels[key]
 
     def stages(self, v: Variant) -> list:

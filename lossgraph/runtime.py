@@ -3,6 +3,7 @@ normalized (inputs.py), mapped to a Variant, and run through that variant's cach
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import warnings
@@ -63,6 +64,38 @@ class _Fused(torch.autograd.Function):
         if ctx.row_level:
             g = g.unsqueeze(-1)
         return grad.mul_(g.to(grad.dtype)), None, None, None, None
+
+
+class _RowCoupledNone(torch.autograd.Function):
+    """reduction='none' for a per-element loss whose element (r, k) reads other columns of row r.
+
+    Note [Row-coupled 'none']: the fused kernel's gradient is one value per pred element, which
+    backward can only scale elementwise; that is exact when output (r, k) depends on pred[r, k]
+    alone, or when the loss has one value per row. For a per-element loss that also reads its
+    row (BoundedIoULoss's x-term reads columns 0 and 2; a user loss mixing pred with
+    lg.rowsum(pred)) forward runs the 'none' kernel without a gradient, and backward runs the
+    'sum' kernel with weight * grad_output: d/dpred sum(g w l) = sum(g w dl/dpred).
+    """
+
+    @staticmethod
+    def forward(ctx, pred, module, call, level):
+        ctx.module, ctx.call = module, call
+        cv = module.compiler.get(module.variant(call, False))
+        module._last = cv
+        return cv.run(call)[0].reshape(call.loss_shape(level))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        call, module = ctx.call, ctx.module
+        w = call.tensors.get("weight")
+        shape = call.loss_shape(Level.ELEM)
+        if w is not None:
+            view = {"elem": shape, "row": shape[:-1] + (1,), "col": (shape[-1],), "scalar": ()}
+            g = g * w.reshape(view[call.weight_access])
+        summed = dataclasses.replace(call, reduction="sum", weight_access="elem", denom=None,
+                                     tensors={**call.tensors, "weight": g.reshape(-1)})
+        return module.compiler.get(module.variant(summed, True)).run(summed)[1], None, None, None
 
 
 class CompiledLoss(nn.Module):
@@ -182,15 +215,23 @@ class CompiledLoss(nn.Module):
         self._check_grad_inputs(call)
         return self._launch(call, level)
 
+    def variant(self, call: I.Call, grad: bool) -> Variant:
+        """The specialization key of a normalized call."""
+        return Variant(reduction=call.reduction, target=call.target_form,
+                       weight=call.weight_access, grad=grad,
+                       dtype=str(call.pred.dtype).replace("torch.", ""),
+                       label_dtype=str(call.tensors["label"].dtype).replace("torch.", "")
+                       if "label" in call.tensors else "int64",
+                       device=call.pred.device.type,
+                       denom="tensor" if isinstance(call.denom, torch.Tensor) else "value",
+                       params=call.params)
+
     def _launch(self, call: I.Call, level: Level):
-        v = Variant(reduction=call.reduction, target=call.target_form, weight=call.weight_access,
-                    grad=call.pred.requires_grad and torch.is_grad_enabled(),
-                    dtype=str(call.pred.dtype).replace("torch.", ""),
-                    label_dtype=str(call.tensors["label"].dtype).replace("torch.", "")
-                    if "label" in call.tensors else "int64",
-                    device=call.pred.device.type,
-                    denom="tensor" if isinstance(call.denom, torch.Tensor) else "value",
-                    params=call.params)
+        grad = call.pred.requires_grad and torch.is_grad_enabled()
+        if grad and call.reduction == "none" and \
+                self.compiler.row_coupled(call.target_form, call.params):
+            return _RowCoupledNone.apply(call.pred, self, call, level).to(call.out_dtype)
+        v = self.variant(call, grad)
         cv = self.compiler.get(v)
         self._last = cv
         shape = call.loss_shape(level) if call.reduction == "none" else None

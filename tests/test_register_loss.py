@@ -240,10 +240,6 @@ def test_every_elementwise_op_with_none_reduction(backend):
     check_ops(dict(type="MyOps", rows=False), "none", backend)
 
 
-@pytest.mark.xfail(strict=True, reason="'none' of an elementwise loss that also reads per-row "
-                   "values of pred (rowmax/rowsum/a column): the kernel's gradient is d(sum of "
-                   "outputs)/dpred and backward scales it elementwise by grad_output, which is "
-                   "only exact when output (n, k) depends on pred[n, k] alone (Note [Grad in "
-                   "forward]); e.g. BoundedIoULoss(reduction='none') is of this kind")
 def test_none_reduction_with_row_terms(backend):
+    """Elements that also read per-row values of pred: Note [Row-coupled 'none'] in runtime.py."""
     check_ops(dict(type="MyOps"), "none", backend)

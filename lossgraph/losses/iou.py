@@ -11,8 +11,6 @@ import math
 import warnings
 from typing import Literal
 
-import torch
-from torch.autograd.function import once_differentiable
 
 from ..config import check_reduction
 from ..inputs import fail
@@ -47,50 +45,6 @@ def _warn_linear(spec):
 
 
 IOU_HOOKS = {"early_exit": zero_weight_exit, "check": check_boxes}
-
-
-class _RowCoupledNone(torch.autograd.Function):
-    """reduction='none' for a loss whose element (r, k) reads other columns of row r.
-
-    Note [Row-coupled 'none']: the fused kernel's gradient for 'none' is the row sum of every
-    output's derivative, which backward can only scale elementwise; that is exact when output
-    (r, k) depends on pred[r, k] alone (or is one value per row), but not for BoundedIoULoss,
-    whose x-term reads columns 0 and 2. So forward runs the 'none' kernel without a gradient and
-    backward runs the 'sum' kernel with weight * grad_output: d/dpred sum(g w l) = sum(g w dl).
-    """
-
-    @staticmethod
-    def forward(ctx, pred, module, a):
-        ctx.module, ctx.a = module, a
-        ctx.save_for_backward(pred)
-        with torch.no_grad():
-            return module.run_pipeline({**a, "pred": pred.detach()})
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (pred,) = ctx.saved_tensors
-        w = ctx.a.get("weight")
-        w = g if w is None else g * w
-        with torch.enable_grad():
-            p = pred.detach().requires_grad_(True)
-            total = ctx.module.run_pipeline({**ctx.a, "pred": p, "weight": w, "avg_factor": None,
-                                             "reduction_override": "sum"})
-            (grad,) = torch.autograd.grad(total, p)
-        return grad, None, None
-
-
-def _bounded_forward(module, a):
-    """v3 zero-weight exit first (before the reduction check), then the kernel; see the Note."""
-    out = zero_weight_exit(module.spec, a)
-    if out is not None:
-        return out
-    pred = a["pred"]
-    reduction = a.get("reduction_override") or module.spec.reduction
-    if reduction == "none" and isinstance(pred, torch.Tensor) and pred.requires_grad and \
-            torch.is_grad_enabled():
-        return _RowCoupledNone.apply(pred, module, a)
-    return module.run_pipeline(a)
 
 
 def _boxes(x):
@@ -162,8 +116,7 @@ def iou_loss(pred, target, linear: bool = False, eps: float = 1e-6,
     return -log(u)
 
 
-@register_loss("BoundedIoULoss", hooks={"forward": _bounded_forward, "check": check_boxes},
-               _builtin=True)
+@register_loss("BoundedIoULoss", hooks=IOU_HOOKS, _builtin=True)
 def bounded_iou_loss(pred, target, beta: float = 0.2, eps: float = 1e-3):
     """Smooth-L1 (threshold beta) of [1 - x-fit, 1 - y-fit, 1 - w-ratio, 1 - h-ratio], (N,4).
 

@@ -111,6 +111,12 @@ class CompiledLoss(nn.Module):
             if not hasattr(self, k):
                 setattr(self, k, v)
         self._sig = _signature(spec.loss.forward)
+        ps = [p for p in self._sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        self._positional = tuple(p.name for p in ps)
+        self._keywords = set(self._positional) if len(ps) == len(self._sig.parameters) else None
+        self._required = sum(p.default is p.empty for p in ps)
+        self._call_hypers = tuple(k for k in sorted(set(ROLES.get(n, n) for n in self._positional))
+                                  if k in spec.loss.params)
         self._last: CompiledVariant | None = None
         self._warned_grad = False
         hooks = spec.loss.hooks
@@ -164,15 +170,27 @@ class CompiledLoss(nn.Module):
 
     # -- calling ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        try:
-            bound = self._sig.bind(*args, **kwargs)
-        except TypeError as e:
-            raise TypeError(f"{self.spec.name}.forward{self._sig}: {e}") from None
-        roles = {ROLES.get(k, k): v for k, v in bound.arguments.items() if k != "kwargs"}
-        roles.update(bound.arguments.get("kwargs", {}))
+        roles = self._roles(args, kwargs)
         if "forward" in self.spec.loss.hooks:
             return self.spec.loss.hooks["forward"](self, roles)
         return self.run_pipeline(roles)
+
+    def _roles(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Bind the call to MMDetection's forward signature; map argument names to roles."""
+        names = self._positional
+        if len(args) <= len(names) and (self._keywords is None or not kwargs.keys() - self._keywords) and \
+                not any(n in kwargs for n in names[:len(args)]) and len(args) >= self._required:
+            bound = dict(zip(names, args))        # the fast path of inspect.Signature.bind
+            bound.update(kwargs)
+            if all(n in bound for n in names[:self._required]):
+                return {ROLES.get(k, k): v for k, v in bound.items()}
+        try:
+            b = self._sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.spec.name}.forward{self._sig}: {e}") from None
+        roles = {ROLES.get(k, k): v for k, v in b.arguments.items() if k != "kwargs"}
+        roles.update(b.arguments.get("kwargs", {}))
+        return roles
 
     def run_pipeline(self, a: dict[str, Any]):
         """The standard call: validate, bind target/weight/avg_factor, run the variant's kernel.
@@ -193,7 +211,7 @@ class CompiledLoss(nn.Module):
             check_reduction(name, override, "reduction_override")
         call = I.Call(name, pred, "dense", reduction=override or self.spec.reduction,
                       out_dtype=pred.dtype)
-        call.params = tuple((k, a[k]) for k in sorted(a) if k in loss_def.params and a[k] is not None)
+        call.params = tuple((k, a[k]) for k in self._call_hypers if a.get(k) is not None)
         if "bind_target" in hooks:
             hooks["bind_target"](self.spec, call, a["target"])
         else:

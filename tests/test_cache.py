@@ -75,6 +75,7 @@ def test_disk_hit_in_a_second_process(cache_dir):
     """A second Python process with the same LOSSGRAPH_CACHE_DIR renders nothing (every backend
     in one child process: starting Python and torch is the slow part)."""
     x, y = inputs()
+    cache.code_hash.cache_clear()      # hash lossgraph's sources now, as the child process will
     here = {b: lg.compile(CFG, backend=b)(x, y).item() for b in BACKENDS}
     env = {**os.environ, "LOSSGRAPH_CACHE_DIR": str(cache_dir)}
     run = subprocess.run([sys.executable, "-c", SCRIPT.format(cfg=CFG, backends=BACKENDS)],

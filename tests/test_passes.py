@@ -14,7 +14,7 @@ from lossgraph.config import parse
 from lossgraph.ir import Graph, Load
 from lossgraph.ops import Op
 from lossgraph.passes import PIPELINE, VerifyError, verify
-from conftest import BACKENDS, compiled
+from conftest import compiled
 
 autodiff_rules = importlib.import_module("lossgraph.passes.autodiff")
 torchscript = importlib.import_module("lossgraph.backends.torchscript")

@@ -9,7 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .build import check, is_labels, per_class, row_input, scalar_input  # noqa: E402
-from .config import parse  # noqa: E402
+from .config import parse, public_names  # noqa: E402
 from .errors import BackendError, ConfigError, InputError  # noqa: E402
 from .registry import REGISTRY, register_loss  # noqa: E402
 from .symbolic import (Sym, abs, asin, atan, bce_with_logits, binary_cross_entropy,  # noqa: E402,A004
@@ -27,7 +27,7 @@ def compile(config, backend: str = "auto", dump_dir: str | None = None) -> Compi
 
 def known_losses() -> list[str]:
     """Names of every registered loss type."""
-    return sorted(REGISTRY)
+    return public_names()
 
 
 __all__ = ["compile", "register_loss", "CompiledLoss", "ConfigError", "InputError",

@@ -126,6 +126,7 @@ def _loss_node(spec: Spec, g: Graph, out) -> int:
                         f"got {type(out).__name__}")
     if g.kind(out.id) != "f":
         out = Sym(g, g.add(Op.FLOAT, (out.id,)))
-    if g.levels()[out.id] < Level.ROW:
+    preds = [i for i in g.ids() if g[i].op is Op.INPUT and g[i].arg.name == "pred"]
+    if g.levels()[out.id] < Level.ROW or out.id not in g.depends_on(preds):
         raise TypeError(f"loss '{spec.name}' returned a value that does not depend on pred")
     return out.id

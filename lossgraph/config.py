@@ -38,6 +38,11 @@ class Spec:
         return json.dumps({"config": self.config(), "def": self.loss.fingerprint}, sort_keys=True)
 
 
+def public_names() -> list[str]:
+    """Registered loss types, without the private helpers of composite losses ('_' prefix)."""
+    return sorted(n for n in REGISTRY if not n.startswith("_"))
+
+
 def closest(word: str, options, n: int = 3) -> str:
     """'; did you mean X?' for the options closest to word, or ''."""
     near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
@@ -56,8 +61,9 @@ def parse(config: Mapping[str, Any]) -> Spec:
     if not isinstance(name, str):
         raise ConfigError(f"loss config 'type' must be a string, got {name!r}")
     if name not in REGISTRY:
-        raise ConfigError(f"unknown loss type '{name}'{closest(name, REGISTRY)} "
-                          f"(known: {', '.join(sorted(REGISTRY))})")
+        public = public_names()
+        raise ConfigError(f"unknown loss type '{name}'{closest(name, public)} "
+                          f"(known: {', '.join(public)})")
     loss = REGISTRY[name]
     for key in cfg:
         if key not in loss.params and key not in PIPELINE_KEYS:

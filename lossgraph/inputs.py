@@ -28,6 +28,7 @@ class Call:
     reduction: str = "mean"
     denom: Any = None                  # float, 0-d tensor, or None
     out_dtype: torch.dtype = torch.float32
+    out_shape: tuple = ()                # of a reduced loss: () or avg_factor's (1,)-like shape
     params: tuple = ()
 
     @property
@@ -182,8 +183,19 @@ def bind_weight(call: Call, rule: str, w, level: Level, as_float: bool) -> None:
         call.out_dtype = torch.promote_types(call.out_dtype, t.dtype)
 
 
+@dataclass(frozen=True)
+class Exact:
+    """What a loss's avg_factor hook returns to divide by a count as is, without the eps32 an
+    avg_factor gets (e.g. SeesawLoss's mean over positive rows, a device tensor)."""
+
+    value: Any
+
+
 def bind_denominator(call: Call, avg_factor, level: Level) -> None:
     """'mean' divides by avg_factor + eps32, or by the number of loss elements without it."""
+    if isinstance(avg_factor, Exact):
+        call.denom = avg_factor.value
+        return
     if avg_factor is not None and call.reduction == "sum":
         raise ValueError('avg_factor can not be used with reduction="sum"')
     if call.reduction != "mean":
@@ -198,7 +210,12 @@ def bind_denominator(call: Call, avg_factor, level: Level) -> None:
             fail(call.name, f"avg_factor must be a number or a one-element tensor, got shape "
                             f"{tuple(avg_factor.shape)}")
         d = avg_factor.reshape(()) + EPS32
-        call.out_dtype = torch.promote_types(call.out_dtype, d.dtype)
+        # loss.sum() / (avg_factor + eps): torch's promotion of a 0-d sum with avg's shape
+        call.out_dtype = torch.result_type(torch.empty((), dtype=call.out_dtype, device="meta"),
+                                           torch.empty(avg_factor.shape, dtype=d.dtype, device="meta"))
+        call.out_shape = avg_factor.shape      # sum / (a (1,) tensor) is a (1,) tensor
+        # (with a float32 (1,) avg_factor and a float64 pred, MMDetection's division even runs in
+        # float32; we return its float32 value but keep the gradient's 1/denom in float64)
         # eps is added in avg_factor's own dtype, as in mmdet; the division then runs at least at
         # pred's precision, so a float32 avg_factor does not round a float64 gradient's 1/denom
         call.denom = d.to(torch.promote_types(d.dtype, call.pred.dtype))

@@ -211,7 +211,8 @@ class CompiledLoss(nn.Module):
             check_reduction(name, override, "reduction_override")
         call = I.Call(name, pred, "dense", reduction=override or self.spec.reduction,
                       out_dtype=pred.dtype)
-        call.params = tuple((k, a[k]) for k in self._call_hypers if a.get(k) is not None)
+        call.params = tuple((k, loss_def.params[k].check(name, a[k])) for k in self._call_hypers
+                            if a.get(k) is not None)
         if "bind_target" in hooks:
             hooks["bind_target"](self.spec, call, a["target"])
         else:
@@ -260,6 +261,8 @@ class CompiledLoss(nn.Module):
         else:
             loss = cv.run(call)[0]
             loss = loss.reshape(shape) if shape is not None else loss
+        if call.out_shape and shape is None:
+            loss = loss.reshape(call.out_shape)
         return loss.to(call.out_dtype)
 
     def _check_grad_inputs(self, call: I.Call) -> None:

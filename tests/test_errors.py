@@ -232,8 +232,9 @@ def test_wrong_dtypes(focal, x, y):
     with pytest.raises(InputError, match=exact(
             "L1Loss: target must be a numeric tensor, got torch.complex64")):
         compile_ts(dict(type="L1Loss"))(x, torch.ones(4, 3, dtype=torch.complex64))
-    with pytest.raises(ConfigError, match=exact(
-            "CrossEntropyLoss: the softmax loss needs integer labels")):
+    with pytest.raises(InputError, match=exact(
+            "CrossEntropyLoss: the softmax loss takes integer labels of shape (4,), got a tensor "
+            "of pred's shape")):
         compile_ts(dict(type="CrossEntropyLoss"))(x, torch.rand(4, 3))
 
 

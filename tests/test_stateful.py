@@ -285,7 +285,7 @@ def test_forward_hooks_need_no_host_sync_on_cuda(monkeypatch):
                 assert set(out) == {"loss_cls_objectness", "loss_cls_classes"}
                 n = seesaw._num_pos(loss.spec, SimpleNamespace(tensors={"label": labels},
                                                                pred=pred))
-                assert n.shape == ()
+                assert n.value.shape == ()
                 continue
             pred = torch.empty(N, C, device=dev)
             target = torch.empty(N, dtype=torch.long, device=dev) if form == "labels" else \

@@ -45,6 +45,10 @@ def _check(spec, call):
         # torch broadcasts class_weight against the last axis: it must have 1 or C values
         fail(spec.name, f"class_weight has {len(cw)} values but pred has {call.width} in its last "
                         f"axis (shape {tuple(call.pred.shape)})")
+    kw = spec.kwargs()
+    if not kw["use_sigmoid"] and not kw["use_mask"] and call.target_form == "dense":
+        fail(spec.name, f"the softmax loss takes integer labels of shape "
+                        f"{tuple(call.pred.shape[:-1])}, got a tensor of pred's shape")
     if not spec.kwargs()["use_sigmoid"] and call.target_form == "labels":
         labels, ii = call.tensors["label"], _ignore(spec, call)
         kept = labels[labels != ii] if labels.device.type == "cpu" else labels

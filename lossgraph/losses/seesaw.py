@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..build import check, col_input
 from ..config import check_reduction, parse
-from ..inputs import EPS32, FLOATS, INTS, check_label_range, check_pred, fail, target_form
+from ..inputs import FLOATS, INTS, Exact, check_label_range, check_pred, fail, target_form
 from ..registry import register_loss
 from ..symbolic import (class_index, clamp, exp, log, logsumexp, rowmax, rowsum, stop_gradient,
                         take, where)
@@ -55,18 +55,11 @@ def _bind_target(spec, call, target):
 
 
 def _num_pos(spec, call):
-    """'mean' without avg_factor averages over the positive rows (at least 1), on the device.
-
-    Note [Exact positive count]: the pipeline adds eps32 to whatever this returns, in its dtype
-    (an avg_factor's rule); MMDetection's mean divides by N_pos exactly. So this returns
-    N_pos - eps32, which the pipeline's + eps32 turns back into exactly N_pos: the subtraction
-    is exact in float64, and in float32 it rounds to a value that the addition rounds back to
-    N_pos (below 2 it is exact; from 2 up eps32 is at most half an ulp and ties go to the
-    even integer).
-    """
+    """'mean' without avg_factor averages over the positive rows (at least 1), on the device:
+    MMDetection's mean over the selected rows divides by their count exactly (no eps)."""
     labels = call.tensors["label"]
     n = (labels < spec.kwargs()["num_classes"]).sum().to(_compute_dtype(call.pred)).clamp(min=1)
-    return n - EPS32
+    return Exact(n)
 
 
 def _state(spec):

@@ -97,6 +97,21 @@ def decompose(body: Graph, v: Variant) -> Graph:
 # -- scheduling -----------------------------------------------------------------------------------
 
 
+def elem_closure(g: Graph, roots, levels: dict[int, Level], through=lambda i: False) -> set[int]:
+    """The element-level nodes the roots need within one k-loop: the walk stops at per-row and
+    per-call values (computed outside the loop, e.g. a row reduction's result), unless
+    `through(node)` says the loop must compute that node itself."""
+    seen: set[int] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        i = stack.pop()
+        if i in seen or not (levels.get(i) is Level.ELEM or through(i)):
+            continue
+        seen.add(i)
+        stack.extend(g[i].srcs)
+    return seen
+
+
 @dataclass
 class Schedule:
     """Where each node is computed: once per call, per row (after pass p), per element (pass p)."""
@@ -107,6 +122,7 @@ class Schedule:
     reductions: dict[int, list[int]]      # pass index -> reduction nodes finalized after it
     final: int                            # index of the last k-loop (outputs); 0 if none
     flat: bool                            # no per-row structure at all: one flat loop
+    npasses: int = 0                      # k-loops that compute row reductions, before `final`
 
 
 def schedule(g: Graph) -> Schedule:
@@ -123,19 +139,18 @@ def schedule(g: Graph) -> Schedule:
     final = max(reductions, default=0) + 1
     elem_in: dict[int, set[int]] = {p: set() for p in range(1, final + 1)}
     for p, reds in reductions.items():
-        for r in reds:
-            elem_in[p] |= {a for a in g.ancestors(r) if lv[a] is Level.ELEM and depth[a] < p}
+        elem_in[p] |= elem_closure(g, [g[r].srcs[0] for r in reds], lv)
     outs = g.outputs()
     roots = [g[o].srcs[0] for o in outs.values()] + [g[r].srcs[0] for r in g.find(Op.REDUCE)]
-    for o in roots:
-        elem_in[final] |= {a for a in g.ancestors(o) | {o} if lv[a] is Level.ELEM}
+    elem_in[final] |= elem_closure(g, roots, lv)
     if "grad" not in outs and not elem_in[final]:
         final = 0
     row_after = {i: depth[i] for i in order if lv[i] is Level.ROW}
     has_rows = bool(row_after) or any(g[i].op is Op.IOTA or
                                       (g[i].op is Op.INPUT and g[i].arg.access == "col")
                                       for i in order)
-    return Schedule(lv, row_after, elem_in, reductions, final, not has_rows)
+    return Schedule(lv, row_after, elem_in, reductions, final, not has_rows,
+                    max(reductions, default=0))
 
 
 # -- rendering to C statements ----------------------------------------------------------------------
@@ -254,8 +269,19 @@ def render_nodes(g: Graph, levels: dict[int, Level], flat: bool) -> tuple[dict, 
             expr[i], decl[i] = name, f"const T {name} = ({args[0]} * {literal(n.arg)});"
         else:
             text = ("(i % K)" if flat else "k") if n.op is Op.IOTA else C[n.op].format(*args)
+            if n.op is Op.LOG1P and _exp_of_negative(g, n.srcs[0]):
+                text = f"lg_log1p01({args[0]})"
             expr[i], decl[i] = name, f"const {CTYPE[kinds[i]]} {name} = {text};"
     return expr, decl
+
+
+def _exp_of_negative(g: Graph, i: int) -> bool:
+    """True for exp(-|x|), a value known to lie in [0, 1] (or be NaN)."""
+    n = g[i]
+    if n.op is not Op.EXP:
+        return False
+    m = g[n.srcs[0]]
+    return m.op is Op.NEG and g[m.srcs[0]].op is Op.ABS
 
 
 def lower(body: Graph, v: Variant, name: str) -> CKernel:
@@ -272,7 +298,7 @@ def lower(body: Graph, v: Variant, name: str) -> CKernel:
     scalar = [decl[i] for i in order if i in decl and sch.levels[i] is Level.SCALAR]
     row_pre = [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW and
                sch.row_after[i] == 0]
-    passes = [_pass(g, v, sch, p, expr, decl, hot) for p in range(1, sch.final)]
+    passes = [_pass(g, v, sch, p, expr, decl, hot) for p in range(1, sch.npasses + 1)]
     final = [decl[i] for i in order if sch.final and i in sch.elem_in[sch.final] and i in decl]
     if g[red].arg == "none":
         mode = "store_elem" if sch.levels[loss_root] is Level.ELEM else "store_row"
@@ -318,10 +344,7 @@ def _specialized(g: Graph, v: Variant, test: int, value: bool) -> Graph:
 def _elem_stmts(h: Graph, roots: list[int], levels, decl, known: set[int]) -> list[str]:
     """Declarations the roots need inside the k loop: element-level nodes, plus any node the
     specialization created that the row and scalar sections of the original graph lack."""
-    need = set()
-    for r in roots:
-        need |= {a for a in h.ancestors(r) | {r}
-                 if levels.get(a) is Level.ELEM or a not in known}
+    need = elem_closure(h, roots, levels, through=lambda i: i not in known)
     return [decl[i] for i in h.topo() if i in need and i in decl]
 
 
@@ -361,10 +384,8 @@ def _pass(g, v, sch, p, expr, decl, hot) -> dict:
         else:
             reds.append((f"v{r}", g[r].op.value, expr[g[r].srcs[0]]))
     gathered = {name for name, *_ in gathers}
-    need = set()
-    for r in sch.reductions.get(p, []):
-        if f"v{r}" not in gathered:
-            need |= {a for a in g.ancestors(r) if a in sch.elem_in[p]}
+    need = elem_closure(g, [g[r].srcs[0] for r in sch.reductions.get(p, [])
+                            if f"v{r}" not in gathered], sch.levels)
     return {"stmts": [decl[i] for i in order if i in need and i in decl], "reds": reds,
             "gathers": gathers,
             "row_post": [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW

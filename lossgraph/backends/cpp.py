@@ -166,6 +166,38 @@ def load(meta, source: str, folder: Path) -> Artifact:
     return Artifact(fn=fn, source=source, info=info)
 
 
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise, or None where there is none (not Linux/glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise
+    except (OSError, AttributeError):
+        return None
+
+
+HUGE_MIN = 4 << 20   # bytes; smaller outputs gain nothing from 2 MiB pages
+MADV_HUGEPAGE = 14
+
+
+def empty_output(shape, dtype) -> torch.Tensor:
+    """torch.empty, advised to use transparent huge pages when large.
+
+    Note [Huge pages for outputs]: a fresh 32-65 MB gradient is written once by the kernel, and
+    on Linux every 4 KiB page of it faults on first touch: that costed more than the kernel
+    itself (65 MB: 15 ms of faults for 3.6 ms with 2 MiB pages, measured here). The advice only
+    changes how pages are backed, never the values.
+    """
+    t = torch.empty(shape, dtype=dtype)
+    size = t.numel() * t.element_size()
+    madvise = _madvise() if size >= HUGE_MIN else None
+    if madvise is not None:
+        start = (t.data_ptr() + 4095) & ~4095
+        madvise(start, (t.data_ptr() + size - start) & ~4095, MADV_HUGEPAGE)
+    return t
+
+
 def _tensor_params(meta) -> list[str]:
     return [p for p in meta.params if p != "denom"]  # denom is passed by value
 
@@ -199,10 +231,10 @@ def run(artifact: Artifact, call, meta):
         ptrs.append(t.data_ptr())
     v = meta.variant
     if call.reduction == "none":
-        loss = torch.empty((R, K) if meta.loss_level is Level.ELEM else (R,), dtype=compute)
+        loss = empty_output((R, K) if meta.loss_level is Level.ELEM else (R,), compute)
     else:
         loss = torch.empty((), dtype=compute)
-    grad = torch.empty((R, K), dtype=compute) if v.grad else None
+    grad = empty_output((R, K), compute) if v.grad else None
     denom = call.denom.item() if isinstance(call.denom, torch.Tensor) else (call.denom or 0.0)
     threads = torch.get_num_threads() if R * K >= MIN_PARALLEL else 1
     artifact.fn(*ptrs, denom, R, K, loss.data_ptr(), grad.data_ptr() if grad is not None else None,

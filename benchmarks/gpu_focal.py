@@ -19,28 +19,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lossgraph as lg  # noqa: E402
-
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def py_sigmoid_focal_loss(pred, labels, weight=None, avg_factor=None, gamma=2.0, alpha=0.25):
-    """FocalLoss as MMDetection's Python path computes it (our own code, same structure): one-hot
-    labels with background = C, sigmoid, pt, focal weight, BCE with logits, weight (N,) viewed
-    (N, 1), then mean over avg_factor + eps."""
-    num_classes = pred.size(1)
-    target = F.one_hot(labels, num_classes=num_classes + 1)[:, :num_classes].type_as(pred)
-    pred_sigmoid = pred.sigmoid()
-    pt = (1 - pred_sigmoid) * target + pred_sigmoid * (1 - target)
-    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
-    loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
-    if weight is not None:
-        loss = loss * weight.view(-1, 1)
-    return loss.sum() / (avg_factor + EPS32)
-
+from eager import focal_loss as py_sigmoid_focal_loss  # noqa: E402  (MMDetection's Python path)
 
 def copy_bandwidth(device) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write), median of 20 copies of 1 GiB."""

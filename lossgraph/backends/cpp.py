@@ -198,6 +198,52 @@ def empty_output(shape, dtype) -> torch.Tensor:
     return t
 
 
+HELPERS = """/* lossgraph runtime helpers */
+int lg_any_positive_f32(const float* w, long long n) {
+  int any = 0;
+  #pragma omp simd reduction(|:any)
+  for (long long i = 0; i < n; i++) any |= (w[i] > 0.0f);
+  return any;
+}
+int lg_any_positive_f64(const double* w, long long n) {
+  int any = 0;
+  #pragma omp simd reduction(|:any)
+  for (long long i = 0; i < n; i++) any |= (w[i] > 0.0);
+  return any;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _helpers():
+    """The helper library (built once, cached on disk like a kernel), or None."""
+    if not available("cpu"):
+        return None
+    from .. import cache
+    try:
+        lib = ctypes.CDLL(str(build(HELPERS, cache.cache_dir() / "cpp" / "helpers", "helpers")))
+    except (BackendError, OSError):
+        return None
+    for name in ("lg_any_positive_f32", "lg_any_positive_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+    return lib
+
+
+def any_positive(t: torch.Tensor) -> bool | None:
+    """torch.any(t > 0) for a contiguous float CPU tensor without its bool temporary, else None.
+
+    The v3 all-zero-weight early exit asks this of every L1/SmoothL1/IoU weight; on the CPU the
+    bool tensor and its reduction cost more than the loss kernel (0.8 of 1.3 ms at 200k x 4)."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or \
+            not t.is_contiguous() or t.requires_grad:
+        return None
+    lib = _helpers()
+    if lib is None:
+        return None
+    fn = lib.lg_any_positive_f32 if t.dtype == torch.float32 else lib.lg_any_positive_f64
+    return bool(fn(t.data_ptr(), t.numel()))
+
+
 def _tensor_params(meta) -> list[str]:
     return [p for p in meta.params if p != "denom"]  # denom is passed by value
 

@@ -6,6 +6,13 @@ import torch
 from ..inputs import EPS32, check_label_range
 
 
+def _any_positive(w: torch.Tensor) -> bool:
+    """torch.any(w > 0); on the CPU through the native helper when there is one."""
+    from ..backends.cpp import any_positive
+    fast = any_positive(w)
+    return bool(torch.any(w > 0)) if fast is None else fast
+
+
 def zero_weight_exit(spec, a):
     """v3 L1/SmoothL1/IoU quirk: an all-zero weight returns (pred * weight).sum() at once.
 
@@ -13,7 +20,7 @@ def zero_weight_exit(spec, a):
     skips loss_weight and needs a host sync, all exactly as in MMDetection 3.3.0.
     """
     w, pred = a.get("weight"), a["pred"]
-    if isinstance(w, torch.Tensor) and not torch.any(w > 0):
+    if isinstance(w, torch.Tensor) and not _any_positive(w):
         if pred.dim() == w.dim() + 1:
             w = w.unsqueeze(1)
         return (pred * w).sum()

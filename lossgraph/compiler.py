@@ -64,6 +64,13 @@ class CompiledVariant:
         return None if f is None else functools.partial(f, self.artifact)
 
 
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (a second's import):
+    in torch 2.x that decorator only sets this attribute, which dynamo reads when it traces."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class Compiler:
     """Compiles and caches the variants of one loss spec for one backend choice."""
 
@@ -130,7 +137,7 @@ class Compiler:
         i = self._index(tuple(getattr(v, f) for f in VARIANT_FIELDS))
         return getattr(self, f"_compiled_{i}")
 
-    @torch.compiler.assume_constant_result
+    @_assume_constant_result
     def _index(self, fields: tuple) -> int:
         """The number i of variant Variant(*fields) (its kernel is self._compiled_<i>),
         compiling it first if it is new.

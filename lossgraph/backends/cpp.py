@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -42,13 +43,8 @@ def compiler() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _compiler_id() -> str:
-    cc = compiler()
-    if cc is None:
-        return "none"
-    out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0] if out else cc
+    return _toolchain()["id"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,12 +59,45 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-@functools.lru_cache(maxsize=None)
 def _probe() -> tuple[bool, bool]:
     """(a C compiler builds a shared library here, libmvec's SIMD math links too)."""
+    t = _toolchain()
+    return t["ok"], t["vec"]
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain() -> dict:
+    """What the compiler is and can do, remembered on disk per compiler binary.
+
+    Note [Toolchain probe]: probing builds two tiny libraries (~80 ms), and `cc --version` is a
+    process too; a process that only loads cached kernels should not pay for either, so the
+    answers are kept in the cache folder, keyed by the compiler's path, size and mtime."""
+    from .. import cache
     cc = compiler()
     if cc is None:
-        return False, False
+        return {"id": "none", "ok": False, "vec": False}
+    st = os.stat(cc)
+    key = cache.digest({"cc": cc, "size": st.st_size, "mtime": st.st_mtime_ns, "flags": FLAGS,
+                        "machine": platform.machine(), "vec": VEC_FUNCTIONS})
+    memo = cache.cache_dir() / "cpp" / f"toolchain-{key[:16]}.json"
+    try:
+        t = json.loads(memo.read_text())
+        if {"id", "ok", "vec"} <= set(t):
+            return t
+    except (OSError, ValueError):
+        pass
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    ok, vec = _run_probes(cc)
+    t = {"id": out.splitlines()[0] if out else cc, "ok": ok, "vec": vec}
+    if cache.enabled():
+        try:
+            cache.write_atomic(memo, json.dumps(t))
+        except OSError:
+            pass
+    return t
+
+
+def _run_probes(cc: str) -> tuple[bool, bool]:
     with tempfile.TemporaryDirectory() as d:
         ok = _try_build(cc, d, "double f(double x) { return x + 1; }\n")
         decls = "".join(f'{f} __attribute__((simd("notinbranch")));\n' for f in VEC_FUNCTIONS)

@@ -97,13 +97,21 @@ def check_label_range(name: str, labels: torch.Tensor, lo: int, hi: int, what: s
 
 # -- weight broadcasting ------------------------------------------------------------------------
 
+def broadcast(a: tuple, b: tuple) -> tuple | None:
+    """The broadcast of two shapes, or None (torch.broadcast_shapes without the 0.4 s import of
+    torch's symbolic-shape machinery on its first call)."""
+    out = []
+    for x, y in zip((1,) * (len(b) - len(a)) + a, (1,) * (len(a) - len(b)) + b):
+        if x != y and 1 not in (x, y):
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def _classify(name: str, w: torch.Tensor, loss_shape: torch.Size, level: Level) -> tuple[str, torch.Tensor]:
     """Raw `loss * weight` broadcasting: the weight must broadcast to the loss's own shape."""
-    try:
-        out = torch.broadcast_shapes(w.shape, loss_shape)
-    except RuntimeError:
-        out = None
-    if out != loss_shape:
+    out = broadcast(tuple(w.shape), tuple(loss_shape))
+    if out != tuple(loss_shape):
         fail(name, f"weight of shape {tuple(w.shape)} does not broadcast to the loss shape "
                    f"{tuple(loss_shape)}")
     if w.numel() == 1:

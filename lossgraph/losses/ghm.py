@@ -26,7 +26,7 @@ import torch
 
 from ..build import check, is_labels
 from ..config import check_reduction
-from ..inputs import FLOATS, INTS, check_pred, fail, target_form
+from ..inputs import FLOATS, INTS, broadcast, check_pred, fail, target_form
 from ..registry import register_loss
 from ..symbolic import bce_with_logits, one_hot, sqrt
 
@@ -121,11 +121,7 @@ def _label_weight(spec, lw, pred: torch.Tensor) -> torch.Tensor:
 
 
 def _broadcastable(spec, lw: torch.Tensor, pred: torch.Tensor) -> None:
-    try:
-        ok = torch.broadcast_shapes(lw.shape, pred.shape) == pred.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if broadcast(tuple(lw.shape), tuple(pred.shape)) != tuple(pred.shape):
         fail(spec.name, f"label_weight of shape {tuple(lw.shape)} does not broadcast to pred's "
                         f"shape {tuple(pred.shape)}")
 

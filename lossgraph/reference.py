@@ -89,8 +89,7 @@ def evaluate(g: Graph, inputs: dict[str, torch.Tensor], dtype=torch.float64) -> 
         elif n.op is Op.OUTPUT:
             env[i] = args[0]
         elif n.op is Op.KERNEL:
-            sub = {ld.name: inputs[ld.name] for ld in n.arg.body.inputs() if ld.name in inputs}
-            env[i] = evaluate(n.arg.body, {**inputs, **sub}, dtype)
+            env[i] = evaluate(n.arg.body, inputs, dtype)   # a dict of the body's outputs
         else:
             env[i] = EVAL[n.op](*args)
     outs = {}

@@ -14,6 +14,7 @@ from ..build import Variant
 from ..ir import Graph, Load, Node
 from ..ops import Level, Op, ROW_REDUCTIONS
 from ..passes.fold import specialize
+from .base import signature
 from .decompose import decompose
 
 # -- scheduling -----------------------------------------------------------------------------------
@@ -357,5 +358,5 @@ def _params(g: Graph) -> list[tuple[str, str, str]]:
     seen: dict[str, Load] = {}
     for ld in g.inputs():
         seen.setdefault(ld.name, ld)
-    names = ["pred"] * ("pred" in seen) + sorted(set(seen) - {"pred", "denom"})
+    names = [n for n in signature(g) if n != "denom"]   # the order every backend passes them in
     return [(_ctype(seen[n]), n, seen[n].access) for n in names]

@@ -115,8 +115,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def _to64(x):
+    """Floating tensors (also inside a target tuple) to float64; everything else unchanged."""
     if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
         return x.detach().double()
+    if isinstance(x, tuple):
+        return tuple(_to64(y) for y in x)
     return x
 
 
@@ -125,7 +128,7 @@ def _tensors(args, kwargs):
 
 
 def check_case(loss, cfg: dict, pred: torch.Tensor, *args, grad_out=None, nograd: bool = False,
-               **kwargs):
+               reference_fn=reference, **kwargs):
     """Run the compiled loss and the reference; compare shape, dtype, value and d/dpred.
 
     `pred` keeps its dtype (float32 or float64); the reference runs once on the same dtypes (for
@@ -140,14 +143,14 @@ def check_case(loss, cfg: dict, pred: torch.Tensor, *args, grad_out=None, nograd
     p = pred.detach().clone().requires_grad_(True)
     out = loss(p, *args, **kwargs)
     with torch.no_grad():
-        like = reference(cfg, pred.detach(), *args, **kwargs)
+        like = reference_fn(cfg, pred.detach(), *args, **kwargs)
     assert out.shape == like.shape, f"shape {tuple(out.shape)} != mmdet's {tuple(like.shape)}"
     assert out.dtype == like.dtype, f"dtype {out.dtype} != mmdet's {like.dtype}"
     p64 = pred.detach().double().requires_grad_(True)
     # avg_factor keeps its dtype: mmdet adds eps32 to it in that dtype (float32 rounding included)
-    ref = reference(cfg, p64, *[_to64(a) for a in args],
+    ref = reference_fn(cfg, p64, *[_to64(a) for a in args],
                     **{k: v if k == "avg_factor" else _to64(v) for k, v in kwargs.items()})
-    assert_close(out, ref, dtype, "value")
+    assert_close(out, ref, dtype, f"{cfg} value")
     if ref.requires_grad:
         assert out.requires_grad, "the output is not connected to pred"
         if grad_out is None:
@@ -157,7 +160,7 @@ def check_case(loss, cfg: dict, pred: torch.Tensor, *args, grad_out=None, nograd
         out.backward(grad_out.to(out.dtype))
         ref.backward(grad_out)
         assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == pred.shape
-        assert_close(p.grad, p64.grad, dtype, "grad")
+        assert_close(p.grad, p64.grad, dtype, f"{cfg} grad")
     if nograd:
         plain = loss(pred.detach(), *args, **kwargs)
         assert not plain.requires_grad and plain.grad_fn is None

@@ -320,42 +320,9 @@ def zoo_reference(cfg: dict, *args, **kwargs):
 
 # -- comparing a compiled loss with these references -----------------------------------------------
 
-def to64(x):
-    """Floating tensors (also inside a target tuple) to float64; everything else unchanged."""
-    if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
-        return x.detach().double()
-    if isinstance(x, tuple):
-        return tuple(to64(y) for y in x)
-    return x
-
-
 def check_zoo(loss, cfg: dict, pred: torch.Tensor, *args, grad_out=None, **kwargs):
-    """Run the compiled loss and the reference: same shape and dtype as MMDetection's result,
-    value and d/dpred within conftest's tolerance of the float64 reference. Inputs must come back
-    unmodified. Returns the compiled loss's output."""
-    from conftest import assert_close
-    dtype = pred.dtype
-    tensors = [t for t in (pred, *args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    before = [t.clone() for t in tensors]
-    p = pred.detach().clone().requires_grad_(True)
-    out = loss(p, *args, **kwargs)
-    with torch.no_grad():
-        like = zoo_reference(cfg, pred.detach(), *args, **kwargs)
-    assert out.shape == like.shape, f"shape {tuple(out.shape)} != mmdet's {tuple(like.shape)}"
-    assert out.dtype == like.dtype, f"dtype {out.dtype} != mmdet's {like.dtype}"
-    p64 = pred.detach().double().requires_grad_(True)
-    ref = zoo_reference(cfg, p64, *[to64(a) for a in args],
-                        **{k: v if k == "avg_factor" else to64(v) for k, v in kwargs.items()})
-    assert_close(out, ref, dtype, f"{cfg} value")
-    if ref.requires_grad:
-        assert out.requires_grad, "the output is not connected to pred"
-        if grad_out is None:
-            grad_out = torch.ones(()) if out.dim() == 0 else \
-                torch.rand(out.shape, dtype=torch.float64) * 2 - 0.5
-        out.backward(grad_out.to(out.dtype))
-        ref.backward(grad_out.double())
-        assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == pred.shape
-        assert_close(p.grad, p64.grad, dtype, f"{cfg} grad")
-    for t0, t1 in zip(before, tensors):
-        assert torch.equal(t0, t1), "an input tensor was modified"
-    return out
+    """conftest.check_case against the zoo's float64 references: same shape and dtype as
+    MMDetection's result, value and d/dpred within tolerance, inputs unmodified."""
+    from conftest import check_case
+    return check_case(loss, cfg, pred, *args, grad_out=grad_out, reference_fn=zoo_reference,
+                      **kwargs)

@@ -16,6 +16,12 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float64 for float64 inputs, float32 for every other float
+    (float16/bfloat16 inputs are computed in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class Call:
     """One call, normalized: kernel inputs in canonical layouts plus what shapes the result."""

@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from .. import codegen
 from ..build import Variant
 from ..config import Spec
@@ -42,6 +44,15 @@ class Artifact:
     fn: Callable
     source: str
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def table_tensor(meta, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """A per-class constant table (e.g. class_weight) as a tensor, made once per dtype/device."""
+    made = meta.__dict__.setdefault("_table_tensors", {})
+    key = (name, dtype, str(device))
+    if key not in made:
+        made[key] = torch.tensor(meta.tables[name], dtype=dtype, device=device)
+    return made[key]
 
 
 def signature(body: Graph) -> list[str]:

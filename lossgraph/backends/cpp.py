@@ -22,8 +22,9 @@ import torch
 
 from .. import codegen
 from ..errors import BackendError
+from ..inputs import compute_dtype
 from ..ops import Level
-from .base import Artifact, KernelSource
+from .base import Artifact, KernelSource, table_tensor
 from .clower import lower, scalar_loads
 
 SUFFIX = ".c"
@@ -290,7 +291,7 @@ def run(artifact: Artifact, call, meta):
     Note [Half precision on the CPU]: float16/bfloat16 inputs are converted to float32 here and
     the gradient is converted back, so the kernel itself is float32 or float64 only.
     """
-    compute = torch.float64 if call.pred.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(call.pred.dtype)
     pred = _contig(call.pred, compute)
     R, K = call.rows, call.width
     ptrs, keep = [], [pred]
@@ -298,7 +299,7 @@ def run(artifact: Artifact, call, meta):
         if name == "pred":
             t = pred
         elif name in meta.tables:
-            t = torch.tensor(meta.tables[name], dtype=compute)
+            t = table_tensor(meta, name, compute, "cpu")
         else:
             t = call.tensors[name]
             t = _contig(t, t.dtype if name == "label" else compute)

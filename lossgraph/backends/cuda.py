@@ -40,6 +40,7 @@ import torch
 
 from .. import cache, codegen
 from ..errors import BackendError, InputError
+from ..inputs import compute_dtype
 from ..ops import Level
 from . import nvrtc
 from .base import Artifact, KernelSource
@@ -226,14 +227,10 @@ def register(kern: CudaKernel) -> CudaKernel:
 
 # -- running ---------------------------------------------------------------------------------------
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def prepare(call, kern: CudaKernel) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """pred as a contiguous (R, K) view and the other inputs in kernel order and kernel dtypes."""
     pred = call.pred.detach().reshape(call.rows, call.width).contiguous()
-    compute = _compute_dtype(pred.dtype)
+    compute = compute_dtype(pred.dtype)
     for name, n in kern.launch["tables"].items():
         if n != call.width:
             raise InputError(f"{call.name}: {name} has {n} values but pred has {call.width} "
@@ -281,7 +278,7 @@ def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
     mod = kern.launcher(dev)
     block, n = kern.launch["block"], rows * width
     accumulate = kern.launch["accumulate"]
-    loss = torch.empty(kern.loss_shape(rows, width), dtype=_compute_dtype(pred.dtype), device=dev)
+    loss = torch.empty(kern.loss_shape(rows, width), dtype=compute_dtype(pred.dtype), device=dev)
     g = torch.empty((rows, width), dtype=pred.dtype, device=dev) if grad else None
     if kern.launch["schedule"] == "elem":
         work = math.ceil(n / (block * kern.launch["unroll"]))
@@ -343,7 +340,7 @@ if HAS_OP:
     def _fused_fake(kernel, pred, inputs, denom, denom_value, grad):
         rows, width = pred.shape
         shape = KERNELS[kernel].loss_shape(rows, width)
-        loss = pred.new_empty(shape, dtype=_compute_dtype(pred.dtype))
+        loss = pred.new_empty(shape, dtype=compute_dtype(pred.dtype))
         return loss, pred.new_empty((rows, width) if grad else (0,))
 
 

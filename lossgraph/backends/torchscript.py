@@ -15,7 +15,8 @@ import torch
 from .. import codegen
 from ..ir import Graph, Load
 from ..ops import Level, Op
-from .base import Artifact, KernelSource, signature
+from ..inputs import compute_dtype
+from .base import Artifact, KernelSource, signature, table_tensor
 
 TORCH: dict[Op, str] = {
     Op.NEG: "-{0}", Op.ABS: "torch.abs({0})", Op.SIGN: "torch.sign({0})", Op.EXP: "torch.exp({0})",
@@ -239,7 +240,7 @@ def load(meta, source: str, folder) -> Artifact:
 
 def arguments(call, meta) -> list:
     """Kernel arguments in the TorchScript layout: elem (R,K), row (R,1), col (K,), scalars 0-d."""
-    compute = torch.float64 if call.pred.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(call.pred.dtype)
     pred = call.pred.detach().reshape(call.rows, call.width)
     if pred.dtype != compute:
         pred = pred.to(compute)
@@ -250,7 +251,7 @@ def arguments(call, meta) -> list:
         elif name == "denom":
             args.append(call.denom)
         elif name in meta.tables:
-            args.append(torch.tensor(meta.tables[name], dtype=compute, device=pred.device))
+            args.append(table_tensor(meta, name, compute, pred.device))
         else:
             t = call.tensors[name]
             if t.dtype.is_floating_point and t.dtype != compute or name == "target":

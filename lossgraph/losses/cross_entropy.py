@@ -8,7 +8,7 @@ import torch
 
 from ..build import check, is_labels, per_class
 from ..config import check_reduction
-from ..inputs import check_label_range, fail
+from ..inputs import check_label_range, compute_dtype, fail
 from ..registry import register_loss
 from ..symbolic import bce_with_logits, logsumexp, one_hot, take, to_float, where
 
@@ -33,7 +33,7 @@ def _avg_non_ignore(spec, call):
         return None   # mask_cross_entropy takes avg_non_ignore and ignores it
     valid = _valid(spec, call)
     # mmdet's count is a Python float, so a float64 loss must not get a float32-rounded count + eps
-    dt = torch.float64 if call.pred.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(call.pred.dtype)
     if spec.kwargs()["use_sigmoid"] and call.target_form == "labels":
         return valid.sum().to(dt) * call.width   # the one-hot expanded (N, C) mask
     return valid.sum().to(dt)

@@ -9,17 +9,13 @@ from __future__ import annotations
 import torch
 
 from ..build import check, is_labels, row_input
-from ..inputs import FLOATS, INTS, fail, target_form
+from ..inputs import FLOATS, INTS, compute_dtype, fail, target_form
 from ..registry import register_loss
 from ..symbolic import (abs, bce_with_logits, binary_cross_entropy, class_index, floor,
                         logsumexp, rowsum, sigmoid, sign, take, where)
 
 QFL_SCORE = "score"     # the per-row IoU quality of the tuple target
 DFL_TARGET = "distance"  # DFL's float target, one value per row
-
-
-def _compute_dtype(pred: torch.Tensor) -> torch.dtype:
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
 def _qfl_target(spec, call, target):
@@ -46,7 +42,7 @@ def _qfl_target(spec, call, target):
             fail(spec.name, f"the {what} are on {t.device} but pred is on {pred.device}")
     call.target_form = "labels"
     call.tensors["label"] = labels
-    call.tensors[QFL_SCORE] = score.detach().to(_compute_dtype(pred))
+    call.tensors[QFL_SCORE] = score.detach().to(compute_dtype(pred.dtype))
 
 
 @register_loss("QualityFocalLoss", target="labels", hooks={"bind_target": _qfl_target},
@@ -89,7 +85,7 @@ def _dfl_target(spec, call, target):
             fail(spec.name, f"targets must lie in [0, {call.width - 1}) for {call.width} bins, "
                             f"got values in [{float(target.min())}, {float(target.max())}]")
     call.target_form = "dense"
-    call.tensors[DFL_TARGET] = target.detach().to(_compute_dtype(pred))
+    call.tensors[DFL_TARGET] = target.detach().to(compute_dtype(pred.dtype))
     # the bin weights (l + 1 - y, y - l) are in the target's dtype, so it promotes the result
     call.out_dtype = torch.promote_types(call.out_dtype, target.dtype)
 

@@ -26,7 +26,7 @@ import torch
 
 from ..build import check, is_labels
 from ..config import check_reduction
-from ..inputs import FLOATS, INTS, broadcast, check_pred, fail, target_form
+from ..inputs import FLOATS, INTS, broadcast, check_pred, compute_dtype, fail, target_form
 from ..registry import register_loss
 from ..symbolic import bce_with_logits, one_hot, sqrt
 
@@ -126,10 +126,6 @@ def _broadcastable(spec, lw: torch.Tensor, pred: torch.Tensor) -> None:
                         f"shape {tuple(pred.shape)}")
 
 
-def _avg_dtype(pred: torch.Tensor) -> torch.dtype:
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
-
-
 # -- GHMC ---------------------------------------------------------------------------------------
 
 def _ghmc_forward(module, a):
@@ -164,7 +160,7 @@ def _ghmc_forward(module, a):
         tot = count.to(torch.float32).clamp(min=1.0)
         w = harmonizing_weights(module, g, valid, tot, pred.dtype)
     return module.run_pipeline({"pred": pred, "target": target, "weight": w,
-                                "avg_factor": tot.to(_avg_dtype(pred)),
+                                "avg_factor": tot.to(compute_dtype(pred.dtype)),
                                 "reduction_override": override})
 
 
@@ -202,7 +198,7 @@ def _ghmr_forward(module, a):
         tot = lw.float().sum().clamp(min=1.0)
         w = harmonizing_weights(module, g, lw > 0, tot, pred.dtype)
     out = module.run_pipeline({"pred": pred, "target": target, "weight": w,
-                               "avg_factor": tot.to(_avg_dtype(pred)),
+                               "avg_factor": tot.to(compute_dtype(pred.dtype)),
                                "reduction_override": override})
     return out.to(torch.promote_types(pred.dtype, target.dtype))   # float16 in, float16 out
 

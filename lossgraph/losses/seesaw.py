@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..build import check, col_input
 from ..config import check_reduction, parse
-from ..inputs import FLOATS, INTS, Exact, check_label_range, check_pred, fail, target_form
+from ..inputs import (FLOATS, INTS, Exact, check_label_range, check_pred, compute_dtype, fail,
+                      target_form)
 from ..registry import register_loss
 from ..symbolic import (class_index, clamp, exp, log, logsumexp, rowmax, rowsum, stop_gradient,
                         take, where)
@@ -40,10 +41,6 @@ from .ghm import count_values
 FORWARD = ("cls_score", "labels", "label_weights=None", "avg_factor=None",
            "reduction_override=None")
 CUM = "cum_samples"     # the kernel's per-column input: cum_samples[:C], padded to C + 2
-
-
-def _compute_dtype(pred: torch.Tensor) -> torch.dtype:
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
 def _bind_target(spec, call, target):
@@ -58,7 +55,7 @@ def _num_pos(spec, call):
     """'mean' without avg_factor averages over the positive rows (at least 1), on the device:
     MMDetection's mean over the selected rows divides by their count exactly (no eps)."""
     labels = call.tensors["label"]
-    n = (labels < spec.kwargs()["num_classes"]).sum().to(_compute_dtype(call.pred)).clamp(min=1)
+    n = (labels < spec.kwargs()["num_classes"]).sum().to(compute_dtype(call.pred.dtype)).clamp(min=1)
     return Exact(n)
 
 
@@ -112,7 +109,7 @@ def _forward(module, a):
     with torch.no_grad():
         cum = module.cum_samples
         cum.add_(count_values(labels, c + 1).to(cum.dtype))
-        cols = torch.cat([cum.narrow(0, 0, c), cum.new_ones(2)]).to(_compute_dtype(cls_score))
+        cols = torch.cat([cum.narrow(0, 0, c), cum.new_ones(2)]).to(compute_dtype(cls_score.dtype))
     lw = lw.float() if lw is not None else labels.new_ones(labels.shape, dtype=torch.float32)
     avg = a.get("avg_factor")
     classes = module.run_pipeline({"pred": cls_score, "target": (labels, cols), "weight": lw,

@@ -153,9 +153,6 @@ def _archs(args) -> list[str]:
 
 def compile_loss(where: str, cfg: dict, args, archs: list[str], out: Path) -> list[dict]:
     """Render and build every requested variant of one loss dict; returns manifest entries."""
-    cfg = dict(cfg)
-    if isinstance(cfg.get("type"), str):
-        cfg["type"] = cfg["type"].rsplit(".", 1)[-1]    # 'mmdet.FocalLoss' -> 'FocalLoss'
     compiler = Compiler(parse(cfg), args.backend)
     entries = []
     for v in variants(compiler, args):

@@ -43,6 +43,22 @@ def public_names() -> list[str]:
     return sorted(n for n in REGISTRY if not n.startswith("_"))
 
 
+# Registry scopes whose loss types are lossgraph's: MMEngine's 'mmdet.FocalLoss' and our own.
+SCOPES = ("mmdet", "lossgraph")
+
+
+def unscoped(name: str) -> str:
+    """'mmdet.FocalLoss' or 'lossgraph.FocalLoss' -> 'FocalLoss'; other scopes raise ConfigError."""
+    if "." not in name:
+        return name
+    scope, _, bare = name.rpartition(".")
+    if scope not in SCOPES:
+        raise ConfigError(f"loss type '{name}' has scope '{scope}'; lossgraph compiles "
+                          f"MMDetection's losses: use '{bare}', 'mmdet.{bare}' or "
+                          f"'lossgraph.{bare}'")
+    return bare
+
+
 def closest(word: str, options, n: int = 3) -> str:
     """'; did you mean X?' for the options closest to word, or ''."""
     near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
@@ -60,6 +76,7 @@ def parse(config: Mapping[str, Any]) -> Spec:
     name = cfg.pop("type")
     if not isinstance(name, str):
         raise ConfigError(f"loss config 'type' must be a string, got {name!r}")
+    name = unscoped(name)
     if name not in REGISTRY:
         public = public_names()
         raise ConfigError(f"unknown loss type '{name}'{closest(name, public)} "

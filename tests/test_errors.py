@@ -233,8 +233,8 @@ def test_wrong_dtypes(focal, x, y):
             "L1Loss: target must be a numeric tensor, got torch.complex64")):
         compile_ts(dict(type="L1Loss"))(x, torch.ones(4, 3, dtype=torch.complex64))
     with pytest.raises(InputError, match=exact(
-            "CrossEntropyLoss: the softmax loss takes integer labels of shape (4,), got a tensor "
-            "of pred's shape")):
+            "CrossEntropyLoss: the softmax loss takes integer labels: (N,) for a (N, C) cls_score, "
+            "(N, d1, ..., dk) for (N, C, d1, ..., dk); got a float tensor of shape (4, 3)")):
         compile_ts(dict(type="CrossEntropyLoss"))(x, torch.rand(4, 3))
 
 

@@ -47,8 +47,9 @@ def _check(spec, call):
                         f"axis (shape {tuple(call.pred.shape)})")
     kw = spec.kwargs()
     if not kw["use_sigmoid"] and not kw["use_mask"] and call.target_form == "dense":
-        fail(spec.name, f"the softmax loss takes integer labels of shape "
-                        f"{tuple(call.pred.shape[:-1])}, got a tensor of pred's shape")
+        fail(spec.name, "the softmax loss takes integer labels: (N,) for a (N, C) cls_score, "
+                        "(N, d1, ..., dk) for (N, C, d1, ..., dk); got a float tensor "
+                        f"of shape {tuple(call.tensors['target'].shape)}")
     if not spec.kwargs()["use_sigmoid"] and call.target_form == "labels":
         labels, ii = call.tensors["label"], _ignore(spec, call)
         kept = labels[labels != ii] if labels.device.type == "cpu" else labels
@@ -65,9 +66,54 @@ def _init(spec):
 
 def _forward(module, a):
     """The softmax and sigmoid losses run the pipeline; use_mask=True is mask_cross_entropy."""
-    if module.spec.kwargs()["use_mask"]:
+    kw = module.spec.kwargs()
+    if kw["use_mask"]:
         return _mask_forward(module, a)
+    if not kw["use_sigmoid"]:
+        return _softmax_forward(module, a)
     return module.run_pipeline(a)
+
+
+def _softmax_forward(module, a):
+    """F.cross_entropy's shapes: (N, C) logits with (N,) labels, (N, C, d1, ..., dk) with
+    (N, d1, ..., dk), or unbatched (C,) with a 0-d label.
+
+    Note [Class axis of softmax CE]: F.cross_entropy reads the classes along dim 1. The kernel
+    reads them along the last axis, so a (N, C, d1..dk) score is moved to (N, d1..dk, C)
+    (a contiguous copy; autograd routes the gradient back) and runs the (M, C) kernel with M =
+    N*d1*..*dk rows; 'none' keeps the (N, d1..dk) shape. The weight is MMDetection's
+    weight_reduce_loss on that loss: `weight.float()` broadcast against (N, d1..dk).
+    """
+    pred, label = a["pred"], a["target"]
+    if not isinstance(pred, torch.Tensor) or not isinstance(label, torch.Tensor) or \
+            label.dtype.is_floating_point or label.dtype == torch.bool:
+        return module.run_pipeline(a)   # run_pipeline names what is wrong
+    squeeze = pred.dim() == 1 and label.dim() == 0
+    if squeeze:
+        pred, label = pred[None], label[None]
+    if pred.dim() >= 2 and label.dim() == pred.dim() - 1 and \
+            tuple(label.shape) != (pred.shape[0],) + tuple(pred.shape[2:]):
+        fail(module.spec.name, f"labels of shape {tuple(label.shape)} do not match cls_score of "
+                               f"shape {tuple(pred.shape)}: the classes are dim 1, as in "
+                               f"F.cross_entropy, so labels must have shape "
+                               f"{(pred.shape[0],) + tuple(pred.shape[2:])}")
+    if pred.dim() >= 3 and label.dim() == pred.dim() - 1:
+        pred = pred.movedim(1, -1).contiguous()
+    a = {**a, "pred": pred, "target": label, "weight": _broadcast_weight(a.get("weight"), label)}
+    loss = module.run_pipeline(a)
+    return loss.reshape(()) if squeeze and loss.dim() == 1 else loss
+
+
+def _broadcast_weight(w, label: torch.Tensor):
+    """A weight that broadcasts to the (N, d1..dk) loss but is not one value per row is expanded
+    to it, as `loss * weight` broadcasts it; any other weight goes on to the rows check."""
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) == tuple(label.shape) or \
+            w.numel() == label.numel():
+        return w
+    from ..inputs import broadcast
+    if broadcast(tuple(w.shape), tuple(label.shape)) == tuple(label.shape):
+        return w.expand(label.shape)
+    return w
 
 
 def _mask_forward(module, a):

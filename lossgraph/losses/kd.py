@@ -1,6 +1,8 @@
 """KnowledgeDistillationKLDivLoss (kd_loss.py): LD's KL divergence between tempered softmaxes."""
 from __future__ import annotations
 
+import torch
+
 from ..build import check
 from ..registry import register_loss
 from ..symbolic import exp, log, logsumexp, rowmax, rowsum, stop_gradient, where, width
@@ -9,10 +11,18 @@ FORWARD = ("pred", "soft_label", "weight=None", "avg_factor=None", "reduction_ov
 
 
 def _kd_forward(module, a):
-    """soft_label is the target; MMDetection detaches its softmax, so it never gets a gradient."""
+    """soft_label is the target; MMDetection detaches its softmax, so it never gets a gradient.
+    The classes are dim 1, as in MMDetection's softmax(dim=1)."""
     a = dict(a)
     soft_label = a.pop("soft_label")
     a["target"] = soft_label.detach() if hasattr(soft_label, "detach") else soft_label
+    pred, target = a["pred"], a["target"]
+    if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor) and pred.dim() >= 3 \
+            and target.shape == pred.shape:
+        # Note [KD class axis]: kd_loss.py takes both softmaxes and the mean over dim 1; the
+        # kernel reduces the last axis, so (N, K, d2..) becomes (N, d2.., K) and the loss
+        # (N, d2..), the shape MMDetection's .mean(1) leaves.
+        a["pred"], a["target"] = pred.movedim(1, -1).contiguous(), target.movedim(1, -1).contiguous()
     return module.run_pipeline(a)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__, configfile, dump
 from .build import Variant
 from .compiler import Compiler
-from .config import parse
+from .config import parse, public_names
 from .errors import BackendError, ConfigError
 from .registry import REGISTRY
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m lossgraph` and of the `lossgraph` console script."""
     args = parser().parse_args(argv)
     if args.command == "list":
-        print("\n".join(sorted(REGISTRY)))
+        print("\n".join(public_names()))
         return 0
     try:
         return compile_command(args)

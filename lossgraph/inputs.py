@@ -156,9 +156,9 @@ def weight_focal(name, w, pred, loss_shape, level):
 
 def weight_rows(name, w, pred, loss_shape, level):
     """One weight per row, repeated over the classes (CrossEntropyLoss with index labels)."""
-    if w.numel() != loss_shape.numel():
-        fail(name, f"weight of shape {tuple(w.shape)} must have one value per row "
-                   f"({loss_shape.numel()})")
+    rows = (loss_shape[:-1] if level is Level.ELEM else loss_shape).numel()
+    if w.numel() != rows:
+        fail(name, f"weight of shape {tuple(w.shape)} must have one value per row ({rows})")
     return "row", w.reshape(-1)
 
 

@@ -4,6 +4,7 @@ normalized (inputs.py), mapped to a Variant, and run through that variant's cach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import warnings
@@ -32,6 +33,35 @@ def _signature(names: tuple[str, ...]) -> inspect.Signature:
         else:
             params.append(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD))
     return inspect.Signature(params)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_class(name: str, forward: tuple[str, ...], doc: str) -> type:
+    """The CompiledLoss subclass whose `forward` shows loss `name`'s MMDetection signature.
+
+    Note [Visible signatures]: inspect.signature(loss.forward) and help(loss) read the class, so
+    each forward signature gets a subclass (made once, cached) whose forward carries
+    `__signature__`; it still takes (*args, **kwargs) and binds them in _roles. Copies and
+    pickles rebuild the subclass from (name, forward, doc) (CompiledLoss.__reduce_ex__).
+    """
+    sig = _signature(forward)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def fwd(self, *args, **kwargs):
+        return CompiledLoss.forward(self, *args, **kwargs)
+
+    fwd.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    fwd.__doc__ = f"{name}.forward{sig}, as in MMDetection 3.3.0.\n\n{doc}".rstrip()
+    fwd.__name__ = "forward"
+    fwd.__qualname__ = f"Compiled{name}.forward"
+    return type(f"Compiled{name}", (CompiledLoss,), {
+        "forward": fwd, "__doc__": f"MMDetection's {name}, compiled by lossgraph.",
+        "__module__": __name__, "_forward_key": (name, forward, doc)})
+
+
+def _rebuild(key: tuple):
+    """An empty instance of forward_class(*key), for copy and pickle (its state comes next)."""
+    return nn.Module.__new__(forward_class(*key))
 
 
 class _Fused(torch.autograd.Function):
@@ -100,6 +130,22 @@ class _RowCoupledNone(torch.autograd.Function):
 
 class CompiledLoss(nn.Module):
     """An nn.Module computing an MMDetection loss with generated, fused kernels."""
+
+    _forward_key: tuple | None = None
+
+    def __new__(cls, spec: Spec = None, *args, **kwargs):
+        if cls is CompiledLoss and isinstance(spec, Spec):
+            loss = spec.loss
+            cls = forward_class(loss.name, tuple(loss.forward), inspect.getdoc(loss.fn) or "")
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        if self._forward_key is None:
+            return super().__reduce_ex__(protocol)
+        return _rebuild, (self._forward_key,), self.__getstate__()
+
+    def _get_name(self) -> str:
+        return "CompiledLoss"
 
     def __init__(self, spec: Spec, backend: str = "auto", dump_dir: str | None = None):
         super().__init__()

@@ -13,7 +13,8 @@ from ..registry import register_loss
 from ..symbolic import bce_with_logits, logsumexp, one_hot, take, to_float, where
 
 FORWARD = ("cls_score", "label", "weight=None", "avg_factor=None", "reduction_override=None",
-           "ignore_index=None")
+           "ignore_index=None", "**kwargs")
+ROLE_NAMES = {"pred", "target", "weight", "avg_factor", "reduction_override", "ignore_index"}
 
 
 def _ignore(spec, call) -> int:
@@ -67,6 +68,11 @@ def _init(spec):
 def _forward(module, a):
     """The softmax and sigmoid losses run the pipeline; use_mask=True is mask_cross_entropy."""
     kw = module.spec.kwargs()
+    extra = sorted(a.keys() - ROLE_NAMES)
+    if extra:   # forward's **kwargs reach mmdet's cross_entropy functions, which take none
+        raise TypeError(f"{module.spec.name}.forward() got an unexpected keyword argument "
+                        f"'{extra[0]}' (MMDetection passes **kwargs on to its cross-entropy "
+                        f"function, which takes no other argument)")
     if kw["use_mask"]:
         return _mask_forward(module, a)
     if not kw["use_sigmoid"]:

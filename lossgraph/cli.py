@@ -10,16 +10,14 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from . import __version__, configfile, dump
+from . import __version__, aot, configfile, dump
 from .build import Variant
 from .compiler import Compiler
 from .config import parse, public_names
 from .errors import BackendError, ConfigError
-from .registry import REGISTRY
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 WEIGHTS = ("none", "elem", "row", "col", "scalar")
@@ -30,13 +28,21 @@ CONFIG is one of
   - a dict literal: "dict(type='FocalLoss', gamma=2.0)" (read from its syntax, never eval'd)
   - a .json or .py file holding one loss dict (a bare dict expression, or one variable)
   - an MMDetection model config (.py, MMEngine-style, with _base_ files; or .json): every
-    `loss_*` dict found anywhere in it is compiled. A .py config is executed, as MMEngine does.
+    `loss`/`loss_*` dict, and every dict of a registered loss type under any other key (TOOD's
+    initial_loss_cls), found anywhere in it is compiled. A .py config is executed, as MMEngine
+    does.
 
-Which kernel is compiled (the variant), for each loss dict:
-  by default the variant a plain call `loss(pred, target)` uses: the config's reduction, class
-  labels if the loss accepts them (else a same-shape target), no weight, avg_factor absent or a
-  Python number, gradient on, float32. The options below change it for every loss dict;
-  --dtype may be repeated to compile several dtypes.
+Which kernels are compiled (the variants), for each loss dict:
+  inside a model config (--calls heads), the calls heads make: the config's reduction, class
+  labels if the loss accepts them (else a same-shape target), without a weight and with the
+  weight heads pass (label_weights (N,) or bbox_weights shaped like pred), avg_factor as a Python
+  number and, for 'mean', as a device tensor; gradient on, float32. For a single loss dict
+  (--calls plain) the plain call `loss(pred, target)`: no weight, avg_factor absent or a number.
+  --target, --weight and --avg-factor select one call instead; --dtype may be repeated.
+
+Every kernel also goes into the disk cache ($LOSSGRAPH_CACHE_DIR, as the training process
+finds it): a training run on this machine (or one with the same lossgraph, torch, compiler and
+NVRTC) loads these kernels without generating or compiling them.
 
 Written into --out DIR, per kernel <name> (the loss type and its graph hash):
   <name>.cu + <name>.<arch>.cubin   (cuda; one cubin per --arch)
@@ -75,10 +81,16 @@ def parser() -> argparse.ArgumentParser:
                    "the loss accepts them)")
     c.add_argument("--label-dtype", choices=LABEL_DTYPES, default="int64",
                    help="dtype of class labels (default: int64)")
-    c.add_argument("--weight", choices=WEIGHTS, default="none",
+    c.add_argument("--calls", choices=("heads", "plain"),
+                   help="which calls to compile: the ones detection heads make (heads: without "
+                   "and with their weight, avg_factor as a number and as a tensor; the default "
+                   "for the loss dicts of a model config) or the plain call loss(pred, target) "
+                   "(plain: the default for a single loss dict); --target, --weight and "
+                   "--avg-factor select one call instead")
+    c.add_argument("--weight", choices=WEIGHTS,
                    help="weight broadcast form: per element, per row (N,), per class (C,), "
                    "scalar, or none (default)")
-    c.add_argument("--avg-factor", choices=("value", "tensor"), default="value",
+    c.add_argument("--avg-factor", choices=("value", "tensor"),
                    help="for 'mean': avg_factor as a Python number or absent (value, default), "
                    "or as a 0-d device tensor read by the kernel (tensor)")
     c.add_argument("--no-grad", action="store_true", help="forward only (no gradient output)")
@@ -155,11 +167,13 @@ def compile_loss(where: str, cfg: dict, args, archs: list[str], out: Path) -> li
     """Render and build every requested variant of one loss dict; returns manifest entries."""
     compiler = Compiler(parse(cfg), args.backend)
     entries = []
-    for v in variants(compiler, args):
+    for v in variants(compiler, args, where):
         source, meta, stages = compiler.generate(v, args.backend)
         stem = out / meta.fn_name
+        folder = aot.store(compiler, v, args.backend, source, meta)   # for the training process
         files = {"cuda": _build_cuda, "cpp": _build_cpp, "torchscript": _build_torchscript}[
-            args.backend](source, meta, stem, archs)
+            args.backend](source, meta, stem, archs, folder)
+        aot.place(folder, files["files"], args.backend)
         extra = {f"compile.{k}.log": log for k, log in files.pop("logs", {}).items() if log}
         extra["variant.json"] = json.dumps(dataclasses.asdict(v), indent=1) + "\n"
         dump.write_stages(stem, compiler.spec.config(), stages, source, compiler_suffix(args),
@@ -169,6 +183,7 @@ def compile_loss(where: str, cfg: dict, args, archs: list[str], out: Path) -> li
             print(f"wrote {out / f}")
         entries.append({"where": where, "type": compiler.spec.name,
                         "config": compiler.spec.config(), "variant": v.tag(),
+                        "avg_factor": v.denom,
                         "backend": args.backend, "kernel": meta.fn_name, "files": written,
                         "dump": meta.fn_name + "/"})
     return entries
@@ -178,24 +193,33 @@ def compiler_suffix(args) -> str:
     return {"cuda": ".cu", "cpp": ".c", "torchscript": ".py"}[args.backend]
 
 
-def variants(compiler: Compiler, args) -> list[Variant]:
-    """The variants the options ask for (one per --dtype)."""
+def variants(compiler: Compiler, args, where: str = "") -> list[Variant]:
+    """The variants the options ask for: the head calls of a loss inside a model config
+    (aot.head_variants) or one call, each for every --dtype."""
     base = compiler.default_variant()
     declared = compiler.spec.loss.target
-    target = args.target or base.target
     if args.target == "labels" and declared == "dense":
         raise ConfigError(f"{compiler.spec.name} takes a target shaped like pred, not labels")
     if args.target == "dense" and declared == "labels":
         raise ConfigError(f"{compiler.spec.name} takes class labels, not a dense target")
+    one_call = args.target or args.weight or args.avg_factor
+    in_model = "." in where or "[" in where
+    if (args.calls or ("heads" if in_model else "plain")) == "heads" and not one_call:
+        bases = aot.head_variants(compiler, where)
+    else:
+        bases = [dataclasses.replace(base, target=args.target or base.target,
+                                     weight=None if args.weight in (None, "none") else args.weight,
+                                     denom=args.avg_factor or "value")]
     device = "cuda" if args.backend == "cuda" else "cpu"
-    return [dataclasses.replace(base, reduction=args.reduction or base.reduction, target=target,
-                                weight=None if args.weight == "none" else args.weight,
-                                grad=not args.no_grad, dtype=dtype, label_dtype=args.label_dtype,
-                                device=device, denom=args.avg_factor)
-            for dtype in dict.fromkeys(args.dtype or ["float32"])]
+    reduction = args.reduction or base.reduction
+    out = [dataclasses.replace(b, reduction=reduction, grad=not args.no_grad, dtype=dtype,
+                               label_dtype=args.label_dtype, device=device,
+                               denom=b.denom if reduction == "mean" else "value")
+           for b in bases for dtype in dict.fromkeys(args.dtype or ["float32"])]
+    return list(dict.fromkeys(out))
 
 
-def _build_cuda(source: str, meta, stem: Path, archs: list[str]) -> dict:
+def _build_cuda(source: str, meta, stem: Path, archs: list[str], folder: Path) -> dict:
     from .backends import nvrtc
     files, logs = [stem.with_suffix(".cu")], {}
     files[0].write_text(source)
@@ -212,21 +236,18 @@ def _build_cuda(source: str, meta, stem: Path, archs: list[str]) -> dict:
     return {"files": files, "logs": logs}
 
 
-def _build_cpp(source: str, meta, stem: Path, archs: list[str]) -> dict:
-    from .backends import cpp
+def _build_cpp(source: str, meta, stem: Path, archs: list[str], folder: Path) -> dict:
     c_file = stem.with_suffix(".c")
     c_file.write_text(source)
     try:
-        so = cpp.build(source, stem, meta.fn_name)
+        target = aot.build_cpp(source, folder, meta.fn_name, stem)
     except BackendError as e:
         _save_log(stem, "compile.log", e.log)
         raise
-    target = stem.with_suffix(".so")
-    shutil.copyfile(so, target)
     return {"files": [c_file, target]}
 
 
-def _build_torchscript(source: str, meta, stem: Path, archs: list[str]) -> dict:
+def _build_torchscript(source: str, meta, stem: Path, archs: list[str], folder: Path) -> dict:
     from .backends import torchscript
     py_file = stem.with_suffix(".py")
     py_file.write_text(source)

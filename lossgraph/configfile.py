@@ -155,8 +155,9 @@ def merge(base: Any, over: Any) -> Any:
 
 
 def losses(obj: Any) -> list[tuple[str, dict]]:
-    """(path, loss dict) pairs: obj itself if it is a loss dict, else every `loss`/`loss_*` dict
-    with a 'type' inside it (an MMDetection model config), in reading order."""
+    """(path, loss dict) pairs: obj itself if it is a loss dict, else, in reading order, every
+    dict inside it (an MMDetection model config) under a `loss`/`loss_*` key with a 'type', or
+    under any key with a registered loss type (TOOD's `initial_loss_cls`, 'mmdet.' scopes too)."""
     if isinstance(obj, dict) and "type" in obj:
         return [("", obj)]
     found: list[tuple[str, dict]] = []
@@ -168,12 +169,22 @@ def losses(obj: Any) -> list[tuple[str, dict]]:
     return found
 
 
+def _registered(name: Any) -> bool:
+    """True when `name` (scoped or not) is a registered loss type."""
+    from .config import unscoped
+    from .registry import REGISTRY
+    try:
+        return isinstance(name, str) and unscoped(name) in REGISTRY
+    except ConfigError:
+        return False
+
+
 def _walk(obj: Any, path: str, found: list) -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             p = f"{path}.{k}" if path else str(k)
-            if isinstance(k, str) and (k == "loss" or k.startswith("loss_")) and \
-                    isinstance(v, dict) and "type" in v:
+            named = isinstance(k, str) and (k == "loss" or k.startswith("loss_"))
+            if isinstance(v, dict) and "type" in v and (named or _registered(v["type"])):
                 found.append((p, v))
             else:
                 _walk(v, p, found)

@@ -160,7 +160,7 @@ def test_model_config_with_base_and_several_losses(tmp_path):
     (tmp_path / "model.py").write_text(MODEL)
     out = tmp_path / "out"
     r = lossgraph("compile", tmp_path / "model.py", "--backend", "cuda", "--arch", "sm_90",
-                  "--out", out)
+                  "--calls", "plain", "--out", out)
     assert r.returncode == 0, r.stderr
     got = [(e["where"], e["type"]) for e in manifest(out)]
     assert got == [("model.bbox_head.loss_cls", "FocalLoss"),
@@ -197,3 +197,99 @@ def test_help_documents_the_variant_choice(capsys):
 def test_list(capsys):
     assert cli.main(["list"]) == 0
     assert "FocalLoss" in capsys.readouterr().out.split()
+
+
+# -- AOT for training: every loss dict, the head calls, found in the cache by a new process ------
+
+AOT_BACKEND = "cpp" if _backend_available("cpp") else "torchscript"
+HEAD_MODEL = """\
+model = dict(type='TOOD', bbox_head=dict(
+    type='TOODHead', num_classes=4, initial_epoch=4,
+    initial_loss_cls=dict(type='mmdet.FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25),
+    loss_cls=dict(type='FocalLoss', gamma=1.5, alpha=0.3),
+    loss_bbox=dict(type='L1Loss', loss_weight=2.0),
+    loss_centerness=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0)),
+    train_cfg=dict(assigner=dict(type='ATSSAssigner', topk=9)))
+"""
+# What the heads do with these losses, in a new process that shares the cache folder.
+HEAD_CALLS = """\
+import json, torch, lossgraph as lg
+from lossgraph import cache
+cfgs = {cfgs}
+n, c = 32, 4
+cls, labels = torch.randn(n, c, requires_grad=True), torch.randint(0, c + 1, (n,))
+box = torch.rand(n, 4, requires_grad=True)
+ctr = torch.randn(n, requires_grad=True)
+for key in ("initial_loss_cls", "loss_cls"):
+    loss = lg.compile(cfgs[key], backend="{backend}")
+    loss(cls, labels, torch.ones(n), avg_factor=7.0).backward()          # AnchorHead / ATSS
+    loss(cls, labels, avg_factor=torch.tensor(5.0)).backward()           # FCOS: reduce_mean tensor
+l1 = lg.compile(cfgs["loss_bbox"], backend="{backend}")
+l1(box, torch.rand(n, 4), torch.ones(n, 4), avg_factor=3.0).backward()   # bbox_weights (N, 4)
+ce = lg.compile(cfgs["loss_centerness"], backend="{backend}")
+ce(ctr, torch.rand(n), avg_factor=torch.tensor(4.0)).backward()         # FCOS centerness
+print("STATS", json.dumps(cache.STATS))
+"""
+
+
+def test_aot_model_config_is_found_by_the_training_process(tmp_path):
+    (tmp_path / "model.py").write_text(HEAD_MODEL)
+    out, env = tmp_path / "out", dict(os.environ, LOSSGRAPH_CACHE_DIR=str(tmp_path / "cache"),
+                                      PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "lossgraph", "compile", str(tmp_path / "model.py"),
+                        "-b", AOT_BACKEND, "-o", str(out)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    entries = manifest(out)
+    wheres = list(dict.fromkeys(e["where"] for e in entries))
+    assert wheres == ["model.bbox_head.initial_loss_cls", "model.bbox_head.loss_cls",
+                      "model.bbox_head.loss_bbox", "model.bbox_head.loss_centerness"]
+    calls = {(tuple(e["variant"].split(".")[1:3]), e["avg_factor"]) for e in entries
+             if e["where"].endswith(".loss_cls")}
+    assert calls == {(("labels", w), a) for w in ("w-none", "w-row") for a in ("value", "tensor")}
+    assert {e["variant"] for e in entries if e["where"].endswith("loss_bbox")} == \
+        {"mean.dense.w-none.float32.cpu.grad", "mean.dense.w-elem.float32.cpu.grad"}
+    assert {e["variant"] for e in entries if e["where"].endswith("loss_centerness")} == \
+        {"mean.dense.w-none.float32.cpu.grad", "mean.dense.w-elem.float32.cpu.grad"}
+    cfgs = {w.rsplit(".", 1)[1]: e["config"] for w in wheres for e in entries if e["where"] == w}
+    script = HEAD_CALLS.format(cfgs=cfgs, backend=AOT_BACKEND)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout.split("STATS ", 1)[1])
+    assert stats["disk_hits"] == 6 and stats["misses"] == 0 and stats["renders"] == 0, stats
+
+
+def test_list_is_known_losses(capsys):
+    import lossgraph as lg
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out.split() == lg.known_losses()
+
+
+@needs_nvrtc
+def test_aot_cuda_images_sit_where_the_runtime_reads_them(tmp_path, monkeypatch):
+    """Without a GPU: the cache entry of the variant a CUDA training call uses holds the source,
+    meta.json and the sm_90 cubin, and the runtime's image lookup reads it without NVRTC."""
+    import dataclasses
+
+    from lossgraph import backends, cache
+    from lossgraph.backends import cuda
+    from lossgraph.compiler import Compiler
+    from lossgraph.config import parse
+    monkeypatch.setenv("LOSSGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "model.py").write_text("model = dict(head=dict(loss_bbox=dict(type='GIoULoss')))\n")
+    args = ["compile", str(tmp_path / "model.py"), "--arch", "sm_90", "-o", str(tmp_path / "o")]
+    assert cli.main(args) == 0
+    entries = manifest(tmp_path / "o")
+    assert len(entries) == 4
+    comp = Compiler(parse(dict(type="GIoULoss")), "auto")
+    v = dataclasses.replace(comp.default_variant(), device="cuda", weight="row", denom="tensor")
+    folder = cache.entry_dir("cuda", cache.digest(comp._components(v, backends.get("cuda"))))
+    meta = json.loads((folder / "meta.json").read_text())
+    image = (folder / f"{meta['fn_name']}.sm_90.cubin").read_bytes()
+    assert image[:4] == b"\x7fELF"
+    monkeypatch.setattr(nvrtc, "compile", lambda *a, **k: pytest.fail("NVRTC was called"))
+    source = (folder / meta["source_file"]).read_text()
+    kern = cuda.CudaKernel(meta["fn_name"], source, folder, cuda.launch_info(source), "mean",
+                           None)
+    assert kern.image("sm_90") == image

@@ -32,7 +32,7 @@ CONFIG is one of
     initial_loss_cls), found anywhere in it is compiled. A .py config is executed, as MMEngine
     does.
 
-Which kernels are compiled (the variants), for each loss dict:
+Which kernel is compiled (the variants), for each loss dict:
   inside a model config (--calls heads), the calls heads make: the config's reduction, class
   labels if the loss accepts them (else a same-shape target), without a weight and with the
   weight heads pass (label_weights (N,) or bbox_weights shaped like pred), avg_factor as a Python

@@ -14,7 +14,9 @@ carries the kernel's gradient back through the distance computation. Ties in the
 share the gradient evenly, as torch's max over a masked row does.
 As in MMDetection 3.3.0: forward(inputs, targets) has no weight, avg_factor or reduction
 (a config's reduction other than 'mean' is refused: the result is always the mean), and hard_mining=False
-raises NotImplementedError when called.
+raises NotImplementedError when called. An anchor without a negative in the batch raises
+InputError on the CPU (MMDetection's min over an empty set raises); on a GPU that check would
+need a host sync, so there such an anchor contributes relu(-inf) = 0.
 """
 from __future__ import annotations
 

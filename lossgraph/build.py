@@ -24,12 +24,20 @@ class Variant:
     device: str = "cpu"
     denom: str = "value"             # 'value' (a number) or 'tensor' (a device scalar), for 'mean'
     params: tuple = field(default=())  # per-call hyperparameter overrides, e.g. ignore_index
+    wrt: tuple = ("pred",)           # inputs differentiated when grad: pred, then others by name
+
+    @property
+    def extra_grads(self) -> tuple:
+        """The inputs other than pred whose gradients the kernel returns (output 'grad_<name>')."""
+        return tuple(n for n in self.wrt if n != "pred") if self.grad else ()
 
     def describe(self) -> dict:
         """The fields shown in the IR header."""
         d = {"reduction": self.reduction, "target": self.target, "weight": self.weight or "none",
              "grad": self.grad, "dtype": self.dtype}
         d.update(dict(self.params))
+        if self.extra_grads:
+            d["wrt"] = "+".join(self.wrt)
         return d
 
     def tag(self) -> str:
@@ -37,6 +45,7 @@ class Variant:
         parts = [self.reduction, self.target, f"w-{self.weight or 'none'}", self.dtype,
                  self.device, "grad" if self.grad else "nograd"]
         parts += [f"{k}-{v}" for k, v in self.params]
+        parts += [f"wrt-{'+'.join(self.wrt)}"] if self.extra_grads else []
         return ".".join(str(p).replace("/", "_") for p in parts)
 
 

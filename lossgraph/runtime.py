@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from . import input_grads as IG
 from . import inputs as I
 from .build import Variant
 from .compiler import CompiledVariant, Compiler
@@ -80,8 +80,9 @@ class _Fused(torch.autograd.Function):
         return loss.reshape(shape) if shape is not None else loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        if torch.is_grad_enabled():   # create_graph=True: see input_grads.py's Note [Double backward]
+            return ctx.run.differentiable(g), None, None, None, None
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             grad = ctx.run()[1]
@@ -109,15 +110,16 @@ class _RowCoupledNone(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, module, call, level):
-        ctx.module, ctx.call = module, call
+        ctx.module, ctx.call, ctx.level = module, call, level
         cv = module.compiler.get(module.variant(call, False))
         module._last = cv
         return cv.run(call)[0].reshape(call.loss_shape(level))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         call, module = ctx.call, ctx.module
+        if torch.is_grad_enabled():   # create_graph=True: see input_grads.py's Note [Double backward]
+            return IG.vjp(module, call, ctx.level, ("pred",), g, reference=True)[0], None, None, None
         w = call.tensors.get("weight")
         shape = call.loss_shape(Level.ELEM)
         if w is not None:
@@ -277,7 +279,7 @@ class CompiledLoss(nn.Module):
         if avg is None and call.reduction == "mean" and "avg_factor" in hooks:
             avg = hooks["avg_factor"](self.spec, call)
         I.bind_denominator(call, avg, level)
-        self._check_grad_inputs(call)
+        self._check_grad_inputs(call, a)
         return self._launch(call, level)
 
     def variant(self, call: I.Call, grad: bool) -> Variant:
@@ -292,6 +294,11 @@ class CompiledLoss(nn.Module):
                        params=call.params)
 
     def _launch(self, call: I.Call, level: Level):
+        others = IG.extra_inputs(call) if torch.is_grad_enabled() else ()
+        if others:   # gradients for target, weight, avg_factor...: Note [Gradients of every input]
+            loss = IG.launch(self, call, level, others)
+            return loss.reshape(call.out_shape if call.reduction != "none" else loss.shape) \
+                .to(call.out_dtype)
         grad = call.pred.requires_grad and torch.is_grad_enabled()
         if grad and call.reduction == "none" and \
                 self.compiler.row_coupled(call.target_form, call.params):
@@ -301,7 +308,7 @@ class CompiledLoss(nn.Module):
         self._last = cv
         shape = call.loss_shape(level) if call.reduction == "none" else None
         if v.grad:
-            run = lambda: cv.run(call)  # noqa: E731
+            run = IG.KernelRun(self, cv, call, level)
             loss = _Fused.apply(call.pred, run, shape, level is Level.ROW and shape is not None,
                                 cv.scale_grad)
         else:
@@ -311,10 +318,44 @@ class CompiledLoss(nn.Module):
             loss = loss.reshape(call.out_shape)
         return loss.to(call.out_dtype)
 
-    def _check_grad_inputs(self, call: I.Call) -> None:
-        others = [k for k, t in call.tensors.items() if k != "pred" and isinstance(t, torch.Tensor)
-                  and t.requires_grad]
-        if others and not self._warned_grad and torch.is_grad_enabled():
+    def _check_grad_inputs(self, call: I.Call, roles: dict[str, Any] | None = None) -> None:
+        """Warn once about an argument that requires grad but gets no gradient: one that a loss's
+        hook detached or did not hand to the kernel (the kernel's inputs all get gradients)."""
+        if self._warned_grad or not torch.is_grad_enabled() or not roles:
+            return
+        used = [call.pred, call.denom, *call.tensors.values()]
+        missed = [k for k, t in _grad_tensors(roles) if not any(_reaches(u, t) for u in used)]
+        if missed:
             self._warned_grad = True
-            warnings.warn(f"{self.spec.name}: lossgraph differentiates with respect to pred only; "
-                          f"{', '.join(others)} require grad but get none", stacklevel=4)
+            warnings.warn(f"{self.spec.name}: {', '.join(missed)} require grad but lossgraph "
+                          f"gives them no gradient", stacklevel=4)
+
+
+def _grad_tensors(roles: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """(role, tensor) for every argument other than pred that requires grad, in tuples too."""
+    out = []
+    for k, v in roles.items():
+        for t in (v if isinstance(v, (tuple, list)) else (v,)):
+            if k != "pred" and isinstance(t, torch.Tensor) and t.requires_grad:
+                out.append((k, t))
+    return out
+
+
+def _reaches(u, t: torch.Tensor, limit: int = 64) -> bool:
+    """True when autograd carries a gradient of tensor u back to tensor t (u is t, or t is
+    among u's autograd ancestors, searched a few dozen nodes deep)."""
+    if not isinstance(u, torch.Tensor) or not u.requires_grad:
+        return False
+    if u is t:
+        return True
+    goal = t.grad_fn
+    todo, seen = [u.grad_fn], 0
+    while todo and seen < limit:
+        fn = todo.pop()
+        seen += 1
+        if fn is None:
+            continue
+        if fn is goal or (goal is None and getattr(fn, "variable", None) is t):
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False

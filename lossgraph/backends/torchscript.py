@@ -204,10 +204,23 @@ def render(src: KernelSource) -> str:
             g = f"{g}.clone()"  # never hand an input tensor to autograd as the gradient
         lines.append(f"grad = ({g}).to(pred.dtype)")
         rets.append("grad")
+    for name in src.variant.extra_grads:
+        lines.append(f"grad_{name} = {_extra_grad(body, outs[f'grad_{name}'], names, levels)}")
+        rets.append(f"grad_{name}")
     params = [(p, "Tensor" if src.tensor_param(p) else "float") for p in signature(body)]
     return codegen.render("torchscript/kernel.py.j2", header=src.header("#"),
                           fn=src.fn_name, params=params, lines=lines, rets=rets,
-                          ret_type="Tuple[Tensor, Tensor]" if len(rets) == 2 else "Tensor")
+                          ret_type=f"Tuple[{', '.join(['Tensor'] * len(rets))}]" if len(rets) > 1
+                          else "Tensor")
+
+
+def _extra_grad(body: Graph, out: int, names: dict[int, str], levels) -> str:
+    """The gradient of another input, in the compute dtype: (R, K) when it varies per element,
+    (R, 1) per row, 0-d per call; a fresh tensor, never an input or a temporary still in use."""
+    g = names[out]
+    shape = {Level.ELEM: "pred.shape", Level.ROW: "(pred.shape[0], 1)"}.get(
+        levels[body[out].srcs[0]], "()")
+    return f"torch.zeros({shape}, dtype=cdt, device=pred.device) + {g}"
 
 
 SUFFIX = ".py"
@@ -266,6 +279,9 @@ def arguments(call, meta) -> list:
 def run(artifact: Artifact, call, meta):
     """Call the scripted kernel; returns (loss, grad or None)."""
     out = artifact.fn(*arguments(call, meta))
+    if meta.variant.extra_grads:     # input_grads.py: (loss, grad, other inputs' gradients)
+        loss, grad, *extras = out
+        return loss, grad.reshape(call.pred.shape), tuple(extras)
     if meta.variant.grad:
         loss, grad = out
         return loss, grad.reshape(call.pred.shape)

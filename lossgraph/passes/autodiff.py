@@ -1,4 +1,5 @@
-"""Pass: symbolic reverse-mode differentiation of the loss output with respect to pred.
+"""Pass: symbolic reverse-mode differentiation of the loss output with respect to pred (and,
+when the variant asks, to other inputs: Variant.wrt, e.g. ('pred', 'target', 'weight')).
 
 The gradient is derived from the IR, never taken from torch autograd at run time. Each rule
 mirrors the backward formula torch's autograd uses for the same op (derivatives.yaml), so the
@@ -8,6 +9,15 @@ Note [Grad in forward]: the derivative is taken of the *whole* pipeline (weight,
 for 'mean'/'sum' the kernel emits the final gradient and backward only multiplies by grad_output.
 For 'none' the seed is 1 per output element and backward multiplies elementwise by grad_output,
 which is exact because every output element depends on one row of pred only.
+
+Note [Gradients of other inputs]: d(loss)/d(name) for each extra name in Variant.wrt is the
+output 'grad_<name>' at the input's own level: elementwise for elem and col inputs (the runtime
+sums a col input's over the rows), per row for row inputs (summed over the row here, as for
+pred's per-row loads), and for a scalar input every contribution at its own level (the runtime
+sums them up). The runtime asks for these only under 'mean'/'sum' (runtime.py's Note [Gradients
+of every input]); avg_factor's gradient, -loss / (avg_factor + eps), needs no kernel output.
+An operand that lies on a differentiable path but has no derivative rule is an error, never a
+silently missing gradient.
 """
 from __future__ import annotations
 
@@ -49,12 +59,25 @@ def _pow(e: _E, x, p, y, a, active):
     return [base, expo]
 
 
-def _bce_logits(e: _E, s, y, a):
+def _bce_logits(e: _E, s, y, a, active):
     x, t = s[0], s[1]
     if len(s) == 2:
-        return [e.mul(a, e.sub(e.sigmoid(x), t)), None]
+        # torch's target backward without pos_weight: -x
+        dt = e.neg(e.mul(a, x)) if t in active else None
+        return [e.mul(a, e.sub(e.sigmoid(x), t)), dt]
     pt = e.mul(s[2], t)
-    return [e.mul(a, e.sub(e.mul(e.sub(e.add(pt, 1.0), t), e.sigmoid(x)), pt)), None, None]
+    # torch's target backward with pos_weight: log_sigmoid(-x) - pos_weight * log_sigmoid(x)
+    dt = e.mul(a, e.sub(e.logsigmoid(e.neg(x)), e.mul(e.logsigmoid(x), s[2]))) \
+        if t in active else None
+    return [e.mul(a, e.sub(e.mul(e.sub(e.add(pt, 1.0), t), e.sigmoid(x)), pt)), dt, None]
+
+
+def _bce_prob(e: _E, s, y, a, active):
+    p, t = s
+    dp = e.div(e.mul(a, e.sub(p, t)), e.clamp(e.mul(e.sub(1.0, p), p), BCE_EPS, float("inf")))
+    # torch's target backward: -logit(p) = log(1 - p) - log(p), unclamped
+    dt = e.mul(a, e.sub(e.log1p(e.neg(p)), e.log(p))) if t in active else None
+    return [dp, dt]
 
 
 def _rowmax(e: _E, x, y, a):
@@ -93,13 +116,12 @@ RULES: dict[Op, Callable] = {
     Op.CLAMP: lambda e, s, y, a, act: [
         e.where(e.and_(e.ge(s[0], s[1]), e.le(s[0], s[2])), a, 0.0), None, None],
     Op.WHERE: lambda e, s, y, a, act: [None, e.where(s[0], a, 0.0), e.where(s[0], 0.0, a)],
-    Op.BCE_LOGITS: lambda e, s, y, a, act: _bce_logits(e, s, y, a),
-    Op.BCE_PROB: lambda e, s, y, a, act: [e.div(e.mul(a, e.sub(s[0], s[1])), e.clamp(
-        e.mul(e.sub(1.0, s[0]), s[0]), BCE_EPS, float("inf"))), None],
+    Op.BCE_LOGITS: lambda e, s, y, a, act: _bce_logits(e, s, y, a, act),
+    Op.BCE_PROB: lambda e, s, y, a, act: _bce_prob(e, s, y, a, act),
     Op.ROWSUM: lambda e, s, y, a, act: [a],
     Op.ROWLSE: lambda e, s, y, a, act: [e.mul(a, e.exp(e.sub(s[0], y)))],
     Op.ROWMAX: lambda e, s, y, a, act: _rowmax(e, s[0], y, a),
-    Op.WEIGHT: lambda e, s, y, a, act: [e.mul(a, s[1]), None],
+    Op.WEIGHT: lambda e, s, y, a, act: [e.mul(a, s[1]), e.mul(a, s[0]) if s[1] in act else None],
     Op.REDUCE: lambda e, s, y, a, act: [e.div(a, s[1]) if len(s) == 2 else a, None][:len(s)],
     Op.OUTPUT: lambda e, s, y, a, act: [a],
 }
@@ -108,10 +130,9 @@ ZERO = (Op.SIGN, Op.FLOOR, Op.FLOAT, Op.NOT, Op.STOPGRAD, Op.LT, Op.LE, Op.GT, O
         Op.NE, Op.AND, Op.OR, Op.IOTA, Op.WIDTH, Op.CONST, Op.INPUT)
 
 
-def active_nodes(g: Graph, root: int) -> set[int]:
-    """Nodes on a differentiable path from a pred input to root."""
-    preds = [i for i, n in ((i, g[i]) for i in g.ids()) if n.op is Op.INPUT and n.arg.name == "pred"]
-    reach = set(preds)
+def active_nodes(g: Graph, root: int, wrt: tuple = ("pred",)) -> set[int]:
+    """Nodes on a differentiable path from an input named in `wrt` (default: pred) to root."""
+    reach = {i for i in g.ids() if g[i].op is Op.INPUT and g[i].arg.name in wrt}
     for i in g.topo():
         n = g[i]
         if n.op not in ZERO and any(s in reach for s in n.srcs):
@@ -120,13 +141,14 @@ def active_nodes(g: Graph, root: int) -> set[int]:
 
 
 def autodiff(g: Graph, v: Variant) -> Graph:
-    """Add an OUTPUT 'grad' holding d(loss)/d(pred) (per output element for 'none')."""
+    """Add an OUTPUT 'grad' holding d(loss)/d(pred) (per output element for 'none'), and an
+    OUTPUT 'grad_<name>' for each other input named in v.wrt."""
     if not v.grad:
         return g
     g = g.copy()
     e, lv = _E(g), g.levels()
     root = g.outputs()["loss"]
-    active = active_nodes(g, root)
+    active = active_nodes(g, root, ("pred",) + v.extra_grads)
     contribs: dict[int, list[int]] = {root: [e.c(1.0)]}
     for i in reversed(g.topo()):
         if i not in active or i not in contribs:
@@ -141,11 +163,16 @@ def autodiff(g: Graph, v: Variant) -> Graph:
         else:
             outs = RULES[n.op](e, n.srcs, i, a, active)
         for s, d in zip(n.srcs, outs):
-            if s in active and d is not None:
+            if s in active and d is None:
+                raise NotImplementedError(f"{g.name}: no derivative of {n.op.value} with respect "
+                                          f"to its operand %{g.numbering()[s]}")
+            if s in active:
                 if lv[i] is Level.ELEM and lv[s] is Level.ROW:
                     d = _sum_over_row(e, d)
                 contribs.setdefault(s, []).append(d)
-    g.add(Op.OUTPUT, (_pred_grad(e, g, contribs),), "grad")
+    g.add(Op.OUTPUT, (_input_grad(e, g, contribs, "pred"),), "grad")
+    for name in v.extra_grads:
+        g.add(Op.OUTPUT, (_input_grad(e, g, contribs, name),), f"grad_{name}")
     return g
 
 
@@ -156,7 +183,12 @@ def _sum_over_row(e: _E, d: int) -> int:
 
 
 def _sum_to_level(e: _E, parts: list[int], level: Level) -> int:
-    """Add up the adjoint contributions; an elementwise part of a per-row value is row-summed."""
+    """Add up the adjoint contributions; an elementwise part of a per-row value is row-summed.
+    For a scalar (whose parts the runtime sums), a per-row part joining elementwise ones is put
+    in column 0 only, so that it is counted once per row."""
+    if level is Level.SCALAR and len({e.g.levels()[p] for p in parts}) > 1:
+        top = max(e.g.levels()[p] for p in parts)
+        parts = [p if e.g.levels()[p] is top else _at_column_0(e, p, top) for p in parts]
     total = parts[0]
     for p in parts[1:]:
         total = e.add(total, p)
@@ -165,11 +197,20 @@ def _sum_to_level(e: _E, parts: list[int], level: Level) -> int:
     return total
 
 
-def _pred_grad(e: _E, g: Graph, contribs: dict[int, list[int]]) -> int:
-    """Combine the adjoints of every pred load: elementwise ones add, column j lands at k == j."""
+def _at_column_0(e: _E, p: int, top: Level) -> int:
+    if top is not Level.ELEM:
+        raise NotImplementedError(f"{e.g.name}: a scalar input read at several levels")
+    if e.g.levels()[p] is Level.SCALAR:
+        raise NotImplementedError(f"{e.g.name}: a scalar input read both per call and per element")
+    return e.where(e.eq(e.iota(), e.g.const(0)), p, 0.0)
+
+
+def _input_grad(e: _E, g: Graph, contribs: dict[int, list[int]], name: str) -> int:
+    """Combine the adjoints of every load of input `name`: elementwise ones add, column j
+    lands at k == j."""
     total = None
     for i, ld in sorted(((i, g[i].arg) for i in g.ids() if g[i].op is Op.INPUT), key=lambda t: t[0]):
-        if not isinstance(ld, Load) or ld.name != "pred" or i not in contribs:
+        if not isinstance(ld, Load) or ld.name != name or i not in contribs:
             continue
         a = contribs[i][0]
         if ld.comp is not None:

@@ -42,7 +42,7 @@ def _qfl_target(spec, call, target):
             fail(spec.name, f"the {what} are on {t.device} but pred is on {pred.device}")
     call.target_form = "labels"
     call.tensors["label"] = labels
-    call.tensors[QFL_SCORE] = score.detach().to(compute_dtype(pred.dtype))
+    call.tensors[QFL_SCORE] = score.to(compute_dtype(pred.dtype))
 
 
 @register_loss("QualityFocalLoss", target="labels", hooks={"bind_target": _qfl_target},
@@ -85,7 +85,7 @@ def _dfl_target(spec, call, target):
             fail(spec.name, f"targets must lie in [0, {call.width - 1}) for {call.width} bins, "
                             f"got values in [{float(target.min())}, {float(target.max())}]")
     call.target_form = "dense"
-    call.tensors[DFL_TARGET] = target.detach().to(compute_dtype(pred.dtype))
+    call.tensors[DFL_TARGET] = target.to(compute_dtype(pred.dtype))
     # the bin weights (l + 1 - y, y - l) are in the target's dtype, so it promotes the result
     call.out_dtype = torch.promote_types(call.out_dtype, target.dtype)
 

@@ -197,6 +197,35 @@ def bind_weight(call: Call, rule: str, w, level: Level, as_float: bool) -> None:
         call.out_dtype = torch.promote_types(call.out_dtype, t.dtype)
 
 
+# -- result dtype ---------------------------------------------------------------------------------
+
+# Note [Result dtype]: the result has the dtype MMDetection's eager ops give it. These losses start
+# with `pred - target` (or bbox_overlaps(pred, target)) and no cast, so torch promotes pred with a
+# float target: an f16 pred with an f32 target computes and returns f32, an f32 pred with an f64
+# target f64. We cast pred to that dtype before the kernel (exact: a widening), so the kernel
+# computes at that precision and autograd casts pred's gradient back to pred's dtype, as in eager.
+# Losses that cast the target to pred's dtype (FocalLoss, VarifocalLoss: target.type_as(pred))
+# keep pred's dtype. Sigmoid CrossEntropyLoss always returns float32: it passes label.float() to
+# binary_cross_entropy_with_logits, whose result takes the target's dtype (f64 logits included),
+# and multiplies by weight.float().
+TARGET_PROMOTES = frozenset({"L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "IoULoss",
+                             "BoundedIoULoss", "GIoULoss", "DIoULoss", "CIoULoss", "EIoULoss",
+                             "SIoULoss"})
+FLOAT32_SIGMOID = frozenset({"CrossEntropyLoss", "CrossEntropyCustomLoss"})
+
+
+def promote(name: str, kwargs: dict, call: Call) -> None:
+    """Apply MMDetection's result dtype to the call; see Note [Result dtype]."""
+    t = call.tensors.get("target")
+    if name in TARGET_PROMOTES and t is not None and t.dtype.is_floating_point:
+        dt = torch.promote_types(call.pred.dtype, t.dtype)
+        if dt != call.pred.dtype:
+            call.pred = call.pred.to(dt)
+            call.out_dtype = torch.promote_types(call.out_dtype, dt)
+    if name in FLOAT32_SIGMOID and kwargs.get("use_sigmoid") and not kwargs.get("use_mask"):
+        call.out_dtype = torch.float32
+
+
 @dataclass(frozen=True)
 class Exact:
     """What a loss's avg_factor hook returns to divide by a count as is, without the eps32 an

@@ -214,16 +214,20 @@ TARGET_PROMOTES = frozenset({"L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Los
 FLOAT32_SIGMOID = frozenset({"CrossEntropyLoss", "CrossEntropyCustomLoss"})
 
 
-def promote(name: str, kwargs: dict, call: Call) -> None:
+def promote(spec, call: Call) -> None:
     """Apply MMDetection's result dtype to the call; see Note [Result dtype]."""
-    t = call.tensors.get("target")
-    if name in TARGET_PROMOTES and t is not None and t.dtype.is_floating_point:
-        dt = torch.promote_types(call.pred.dtype, t.dtype)
-        if dt != call.pred.dtype:
-            call.pred = call.pred.to(dt)
-            call.out_dtype = torch.promote_types(call.out_dtype, dt)
-    if name in FLOAT32_SIGMOID and kwargs.get("use_sigmoid") and not kwargs.get("use_mask"):
-        call.out_dtype = torch.float32
+    name = spec.name
+    if name in TARGET_PROMOTES:
+        t = call.tensors.get("target")
+        if t is not None and t.dtype != call.pred.dtype and t.dtype.is_floating_point:
+            dt = torch.promote_types(call.pred.dtype, t.dtype)
+            if dt != call.pred.dtype:
+                call.pred = call.pred.to(dt)
+                call.out_dtype = torch.promote_types(call.out_dtype, dt)
+    elif name in FLOAT32_SIGMOID:
+        kw = spec.kwargs()
+        if kw.get("use_sigmoid") and not kw.get("use_mask"):
+            call.out_dtype = torch.float32
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ SPECIAL = (Op.INPUT, Op.CONST, Op.IOTA, Op.WIDTH, Op.FLOAT, Op.REDUCE, Op.SCALE,
 def load(ld: Load, inputs: dict[str, torch.Tensor], tables: dict[str, tuple], dtype) -> torch.Tensor:
     """An input in the interpreter's layout: elem (R,K), row (R,1), col (K,), scalar 0-d."""
     if ld.name in tables:
-        return torch.tensor(tables[ld.name], dtype=dtype)
+        return torch.tensor(tables[ld.name], dtype=dtype, device=inputs["pred"].device)
     t = inputs[ld.name]
     if ld.comp is not None:
         return t[:, ld.comp:ld.comp + 1]
@@ -77,7 +77,7 @@ def evaluate(g: Graph, inputs: dict[str, torch.Tensor], dtype=torch.float64) -> 
         elif n.op is Op.CONST:
             env[i] = torch.tensor(n.arg, dtype=torch.bool if isinstance(n.arg, bool) else dtype)
         elif n.op is Op.IOTA:
-            env[i] = torch.arange(width)
+            env[i] = torch.arange(width, device=inputs["pred"].device)
         elif n.op is Op.WIDTH:
             env[i] = torch.tensor(float(width), dtype=dtype)
         elif n.op is Op.FLOAT:

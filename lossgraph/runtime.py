@@ -278,7 +278,7 @@ class CompiledLoss(nn.Module):
         avg = a.get("avg_factor")
         if avg is None and call.reduction == "mean" and "avg_factor" in hooks:
             avg = hooks["avg_factor"](self.spec, call)
-        I.promote(name, self.spec.kwargs(), call)
+        I.promote(self.spec, call)
         I.bind_denominator(call, avg, level)
         self._check_grad_inputs(call, a)
         return self._launch(call, level)

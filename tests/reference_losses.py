@@ -212,7 +212,13 @@ def _sigmoid_ce(x, label, weight, reduction, avg_factor, cw, ii, avg_non_ignore)
         avg_factor = float(mask.sum())                          # .item() of the expanded mask
     w = w.float()
     loss = bce_with_logits(x, t, cw)
-    return weight_reduce_loss(loss, w, reduction, avg_factor)
+    out = weight_reduce_loss(loss, w, reduction, avg_factor)
+    # mmdet passes label.float() to binary_cross_entropy_with_logits, whose result takes the
+    # target's dtype: float32 for any pred (float64 too); a tensor avg_factor may promote it again
+    like = torch.zeros((), dtype=torch.float32)
+    if isinstance(avg_factor, torch.Tensor) and reduction == "mean":
+        like = like / (avg_factor + EPS32)
+    return out.to(like.dtype)
 
 
 # -- regression losses ---------------------------------------------------------------------------

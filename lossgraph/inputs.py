@@ -238,8 +238,9 @@ class Exact:
     value: Any
 
 
-def bind_denominator(call: Call, avg_factor, level: Level) -> None:
-    """'mean' divides by avg_factor + eps32, or by the number of loss elements without it."""
+def bind_denominator(call: Call, avg_factor, level: Level, promotes: bool = True) -> None:
+    """'mean' divides by avg_factor + eps32, or by the number of loss elements without it.
+    A loss's own count (promotes=False: a Python number in mmdet, .item()) keeps the dtype."""
     if isinstance(avg_factor, Exact):
         call.denom = avg_factor.value
         return
@@ -257,10 +258,12 @@ def bind_denominator(call: Call, avg_factor, level: Level) -> None:
             fail(call.name, f"avg_factor must be a number or a one-element tensor, got shape "
                             f"{tuple(avg_factor.shape)}")
         d = avg_factor.reshape(()) + EPS32
-        # loss.sum() / (avg_factor + eps): torch's promotion of a 0-d sum with avg's shape
-        call.out_dtype = torch.result_type(torch.empty((), dtype=call.out_dtype, device="meta"),
-                                           torch.empty(avg_factor.shape, dtype=d.dtype, device="meta"))
-        call.out_shape = avg_factor.shape      # sum / (a (1,) tensor) is a (1,) tensor
+        if promotes:
+            # loss.sum() / (avg_factor + eps): torch's promotion of a 0-d sum with avg's shape
+            call.out_dtype = torch.result_type(
+                torch.empty((), dtype=call.out_dtype, device="meta"),
+                torch.empty(avg_factor.shape, dtype=d.dtype, device="meta"))
+            call.out_shape = avg_factor.shape      # sum / (a (1,) tensor) is a (1,) tensor
         # (with a float32 (1,) avg_factor and a float64 pred, MMDetection's division even runs in
         # float32; we return its float32 value but keep the gradient's 1/denom in float64)
         # eps is added in avg_factor's own dtype, as in mmdet; the division then runs at least at

@@ -276,10 +276,11 @@ class CompiledLoss(nn.Module):
                 loss_def.weight[call.target_form]
             I.bind_weight(call, rule, a["weight"], level, "weight_float" in loss_def.quirks)
         avg = a.get("avg_factor")
-        if avg is None and call.reduction == "mean" and "avg_factor" in hooks:
+        hook_avg = avg is None and call.reduction == "mean" and "avg_factor" in hooks
+        if hook_avg:
             avg = hooks["avg_factor"](self.spec, call)
         I.promote(self.spec, call)
-        I.bind_denominator(call, avg, level)
+        I.bind_denominator(call, avg, level, promotes=not hook_avg)
         self._check_grad_inputs(call, a)
         return self._launch(call, level)
 

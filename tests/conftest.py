@@ -156,7 +156,9 @@ def check_case(loss, cfg: dict, pred: torch.Tensor, *args, grad_out=None, nograd
         if grad_out is None:
             grad_out = torch.ones(()) if out.dim() == 0 else \
                 torch.rand(out.shape, dtype=torch.float64) * 2 - 0.5
-        grad_out = grad_out.double()
+        # the upstream gradient as it reaches `out`, in out's dtype (float32 for a float64 pred
+        # of sigmoid CrossEntropyLoss), for the reference too
+        grad_out = grad_out.to(out.dtype).double()
         out.backward(grad_out.to(out.dtype))
         ref.backward(grad_out)
         assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == pred.shape

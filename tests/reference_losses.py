@@ -172,8 +172,9 @@ def cross_entropy_loss(cfg, cls_score, label, weight=None, avg_factor=None,
     cw = o["class_weight"]
     cw = None if cw is None else cls_score.new_tensor(cw)
     if o["use_sigmoid"]:
-        return o["loss_weight"] * _sigmoid_ce(cls_score, label, weight, reduction, avg_factor, cw,
-                                              ii, o["avg_non_ignore"])
+        out = o["loss_weight"] * _sigmoid_ce(cls_score, label, weight, reduction, avg_factor, cw,
+                                             ii, o["avg_non_ignore"])
+        return out.to(_sigmoid_ce_dtype(reduction, avg_factor))
     return o["loss_weight"] * _softmax_ce(cls_score, label, weight, reduction, avg_factor, cw, ii,
                                           o["avg_non_ignore"])
 
@@ -212,13 +213,17 @@ def _sigmoid_ce(x, label, weight, reduction, avg_factor, cw, ii, avg_non_ignore)
         avg_factor = float(mask.sum())                          # .item() of the expanded mask
     w = w.float()
     loss = bce_with_logits(x, t, cw)
-    out = weight_reduce_loss(loss, w, reduction, avg_factor)
-    # mmdet passes label.float() to binary_cross_entropy_with_logits, whose result takes the
-    # target's dtype: float32 for any pred (float64 too); a tensor avg_factor may promote it again
+    return weight_reduce_loss(loss, w, reduction, avg_factor)
+
+
+def _sigmoid_ce_dtype(reduction, avg_factor) -> torch.dtype:
+    """mmdet passes label.float() to binary_cross_entropy_with_logits, whose result takes the
+    target's dtype: float32 for any pred (float64 too); a tensor avg_factor may promote it again.
+    (The reference computes in pred's dtype and casts the result, as lossgraph does.)"""
     like = torch.zeros((), dtype=torch.float32)
     if isinstance(avg_factor, torch.Tensor) and reduction == "mean":
         like = like / (avg_factor + EPS32)
-    return out.to(like.dtype)
+    return like.dtype
 
 
 # -- regression losses ---------------------------------------------------------------------------

@@ -64,10 +64,12 @@ def cases():
          dict(reduction_override="none", weight=w_row)),
         ("ce-softmax-mean", dict(type="CrossEntropyLoss", class_weight=[1.0, 2.0, 0.5],
                                  avg_non_ignore=True), logits(seed=2), CE_LABELS, {}),
-        ("ce-sigmoid-sum", dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=0.7),
-         logits(seed=3), torch.tensor([0, 3, -1, 2]), dict(reduction_override="sum")),
-        ("ce-sigmoid-dense-none", dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=0.7),
-         logits(seed=4), probs(seed=5), dict(reduction_override="none")),
+        # sigmoid CE returns float32 as mmdet's does (label.float()), except when a float64
+        # avg_factor of shape (1,) promotes it: the only way to a float64 result to gradcheck
+        ("ce-sigmoid-mean", dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=0.7),
+         logits(seed=3), torch.tensor([0, 3, -1, 2]), dict(avg_factor=torch.tensor([2.5]).double())),
+        ("ce-sigmoid-dense-mean", dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=0.7),
+         logits(seed=4), probs(seed=5), dict(avg_factor=torch.tensor([1.5]).double())),
         ("l1-mean", dict(type="L1Loss", loss_weight=0.7), pr, tr, dict(avg_factor=torch.tensor(2.5))),
         ("smoothl1-none", dict(type="SmoothL1Loss", beta=0.5, loss_weight=0.7), pr, tr,
          dict(reduction_override="none")),

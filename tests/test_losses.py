@@ -618,9 +618,10 @@ def test_ce_rpn_single_class(backend):
     cfg = matrix_cfg("CrossEntropyLoss/sigmoid")
     x = torch.randn(8, 1, generator=rng("rpn"), dtype=torch.float64)
     y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
-    out = run(compiled(cfg, backend), cfg, x, y) / 0.7
+    out = run(compiled(cfg, backend), cfg, x, y)
     manual = torch.nn.functional.binary_cross_entropy_with_logits(x[:, 0], (y == 0).double())
-    assert out.item() == pytest.approx(manual.item(), rel=1e-13)
+    assert out.dtype == torch.float32      # mmdet's label.float() makes sigmoid CE float32
+    assert out.item() == pytest.approx((0.7 * manual).float().item(), rel=1e-13)
 
 
 def test_ce_sigmoid_soft_target_valid_mask(backend):
@@ -633,7 +634,11 @@ def test_ce_sigmoid_soft_target_valid_mask(backend):
     out = run(loss, cfg, x, t, reduction_override="none")
     assert (out[t == 1] == 0).all() and (out[t < 0] == 0).all()
     mean = run(loss, cfg, x, t)
-    assert mean.item() == pytest.approx(out.sum().item() / (3 + EPS32), rel=1e-13)
+    valid = ((t >= 0) & (t != 1)).double()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    # the result is float32 (mmdet's label.float()); the sum and division run in float64
+    expected = ((bce * valid).sum() / (3 + EPS32)).float()
+    assert mean.item() == pytest.approx(expected.item(), rel=1e-13)
 
 
 # -- signatures, dtypes, devices ----------------------------------------------------------------------
@@ -750,8 +755,9 @@ def test_reference_matches_torch_builtins():
     t = torch.rand(6, 5, generator=g, dtype=torch.float64)
     pairs.append((reference(dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=cw), x, t,
                             reduction_override="none"),
+                  # mmdet's sigmoid CE result is float32 (label.float()); the math stays float64
                   F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.tensor(cw, dtype=torch.float64),
-                                                     reduction="none")))
+                                                     reduction="none").float()))
     d, u = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g,
                                                                             dtype=torch.float64)
     d.requires_grad_(True)

@@ -44,11 +44,11 @@ _LAYOUT = {"elem": lambda r, k: (r, k), "row": lambda r, k: (r,), "col": lambda 
 
 def extra_inputs(call: Call) -> tuple[str, ...]:
     """Names of the call's inputs other than pred that require grad ('denom': avg_factor)."""
-    names = tuple(k for k, t in call.tensors.items() if k != "pred" and isinstance(t, torch.Tensor)
-                  and t.requires_grad)
-    if isinstance(call.denom, torch.Tensor) and call.denom.requires_grad:
-        names += ("denom",)
-    return names
+    names = [k for k, t in call.tensors.items() if t.requires_grad]
+    d = call.denom
+    if isinstance(d, torch.Tensor) and d.requires_grad:
+        names.append("denom")
+    return tuple(names)
 
 
 class KernelRun:

@@ -337,9 +337,13 @@ def _grad_tensors(roles: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     """(role, tensor) for every argument other than pred that requires grad, in tuples too."""
     out = []
     for k, v in roles.items():
-        for t in (v if isinstance(v, (tuple, list)) else (v,)):
-            if k != "pred" and isinstance(t, torch.Tensor) and t.requires_grad:
-                out.append((k, t))
+        if v is None or k == "pred":
+            continue
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                out.append((k, v))
+        elif isinstance(v, (tuple, list)):
+            out += [(k, t) for t in v if isinstance(t, torch.Tensor) and t.requires_grad]
     return out
 
 

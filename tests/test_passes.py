@@ -511,5 +511,7 @@ def test_reference_interpreter_agrees_with_kernels(case, backend):
     out = loss(pred, tgt, weight=w, reduction_override=reduction)
     seed = torch.ones_like(out) if out.dim() else torch.tensor(1.0, dtype=torch.float64)
     out.backward(seed)
-    torch.testing.assert_close(out, expect["loss"].reshape(out.shape), rtol=1e-12, atol=1e-14)
+    # in the result's dtype (sigmoid CE returns float32 as mmdet does; the math is float64)
+    torch.testing.assert_close(out, expect["loss"].reshape(out.shape).to(out.dtype), rtol=1e-12,
+                               atol=1e-14)
     torch.testing.assert_close(pred.grad, expect["grad"].expand_as(pred), rtol=1e-12, atol=1e-14)

@@ -66,11 +66,19 @@ def _current(what: str) -> _Trace:
     return t
 
 
-def check(cond: bool, message: str) -> None:
-    """Inside a loss definition: reject a config with ConfigError(message) unless cond holds."""
+def check(cond: bool, message: str, error: type = ConfigError, at_call: bool = False) -> None:
+    """Inside a loss definition: reject a config with error(message) unless cond holds; with
+    at_call=True the loss still builds and the error is raised by its calls (as MMDetection does).
+
+    Note [Errors at call time]: MMDetection checks some config values only in forward (DiceLoss
+    softmax, SmoothL1Loss beta > 0); the check then fails the build's trace with `at_call` set,
+    the Compiler swallows it there, and every call's trace raises it again.
+    """
     if not cond:
         t = _TRACE.get()
-        raise ConfigError(f"{t.spec.name}: {message}" if t else message)
+        err = error(f"{t.spec.name}: {message}" if t else message)
+        err.at_call = at_call
+        raise err
 
 
 def is_labels(target: Sym) -> bool:

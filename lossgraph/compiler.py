@@ -15,7 +15,7 @@ from . import __version__, backends, cache, dump, passes
 from .backends.base import Artifact, KernelSource, signature
 from .build import Variant, build
 from .config import Spec
-from .errors import BackendError
+from .errors import BackendError, ConfigError
 from .ops import Level, Op
 
 VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(Variant))
@@ -81,7 +81,11 @@ class Compiler:
         self._variants: dict[Variant, int] = {}   # variant -> i; the kernel is self._compiled_<i>
         self._levels: dict[tuple, tuple[Level, bool]] = {}
         self._fallback_warned = False
-        self.default_variant()  # traces the math once, so config errors surface at compile()
+        try:
+            self.default_variant()  # traces the math once, so config errors surface at compile()
+        except ConfigError as e:
+            if not getattr(e, "at_call", False):  # see Note [Errors at call time]
+                raise
 
     def __getstate__(self) -> dict:
         """Note [Copying a compiled loss]: kernels are process-local handles (ctypes functions,

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, InputAssertion
 from .ops import REDUCTIONS
 from .registry import PIPELINE_KEYS, REGISTRY, LossDef
 
@@ -93,9 +93,11 @@ def parse(config: Mapping[str, Any]) -> Spec:
 
 
 def check_reduction(name: str, value: Any, what: str) -> str:
-    """Raise ConfigError unless value is 'none', 'mean' or 'sum'."""
+    """Raise ConfigError (InputAssertion for a call's reduction_override, asserted in MMDetection's
+    forward) unless value is 'none', 'mean' or 'sum'."""
     if value not in REDUCTIONS:
-        raise ConfigError(f"{name}: {what} must be one of 'none', 'mean', 'sum', got {value!r}")
+        error = InputAssertion if what == "reduction_override" else ConfigError
+        raise error(f"{name}: {what} must be one of 'none', 'mean', 'sum', got {value!r}")
     return value
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, InputShapeError
 from .ops import Level
 
 EPS32 = torch.finfo(torch.float32).eps  # MMDetection adds float32 eps to avg_factor, any dtype
@@ -49,8 +49,9 @@ class Call:
         return self.pred.shape if level is Level.ELEM else self.pred.shape[:-1]
 
 
-def fail(name: str, msg: str):
-    raise InputError(f"{name}: {msg}")
+def fail(name: str, msg: str, error: type = InputError):
+    """Raise error (InputError or a subclass, see Note [Exception compatibility]) naming the loss."""
+    raise error(f"{name}: {msg}")
 
 
 def check_pred(name: str, pred) -> torch.Tensor:
@@ -82,11 +83,11 @@ def target_form(name: str, declared: str, pred: torch.Tensor, target) -> str:
             fail(name, f"labels must be an integer tensor, got {target.dtype}")
         if tuple(target.shape) != tuple(pred.shape[:-1]):
             fail(name, f"labels of shape {tuple(target.shape)} do not match pred of shape "
-                       f"{tuple(pred.shape)}: expected {tuple(pred.shape[:-1])}")
+                       f"{tuple(pred.shape)}: expected {tuple(pred.shape[:-1])}", InputShapeError)
     else:
         if tuple(target.shape) != tuple(pred.shape):
             fail(name, f"target of shape {tuple(target.shape)} does not match pred of shape "
-                       f"{tuple(pred.shape)}")
+                       f"{tuple(pred.shape)}", InputShapeError)
         if target.dtype not in FLOATS + INTS + (torch.bool,):
             fail(name, f"target must be a numeric tensor, got {target.dtype}")
     return form
@@ -119,7 +120,7 @@ def _classify(name: str, w: torch.Tensor, loss_shape: torch.Size, level: Level) 
     out = broadcast(tuple(w.shape), tuple(loss_shape))
     if out != tuple(loss_shape):
         fail(name, f"weight of shape {tuple(w.shape)} does not broadcast to the loss shape "
-                   f"{tuple(loss_shape)}")
+                   f"{tuple(loss_shape)}", InputShapeError)
     if w.numel() == 1:
         return "scalar", w.reshape(())
     shape = (1,) * (len(loss_shape) - w.dim()) + tuple(w.shape)
@@ -145,11 +146,11 @@ def weight_focal(name, w, pred, loss_shape, level):
         if w.dim() >= 1 and w.size(0) == n:
             if w.numel() != n:
                 fail(name, f"weight of shape {tuple(w.shape)} must have shape ({n},) or "
-                           f"{tuple(loss_shape)}")
+                           f"{tuple(loss_shape)}", InputShapeError)
             return "row", w.reshape(-1)
         if w.numel() != loss_shape.numel():
             fail(name, f"weight of shape {tuple(w.shape)} must have {n} or "
-                       f"{loss_shape.numel()} elements (pred is {tuple(loss_shape)})")
+                       f"{loss_shape.numel()} elements (pred is {tuple(loss_shape)})", InputShapeError)
         return "elem", w.reshape(-1)
     return "elem", w.reshape(-1)
 
@@ -158,7 +159,8 @@ def weight_rows(name, w, pred, loss_shape, level):
     """One weight per row, repeated over the classes (CrossEntropyLoss with index labels)."""
     rows = (loss_shape[:-1] if level is Level.ELEM else loss_shape).numel()
     if w.numel() != rows:
-        fail(name, f"weight of shape {tuple(w.shape)} must have one value per row ({rows})")
+        fail(name, f"weight of shape {tuple(w.shape)} must have one value per row ({rows})",
+             InputShapeError)
     return "row", w.reshape(-1)
 
 
@@ -167,7 +169,7 @@ def weight_iou(name, w, pred, loss_shape, level):
     if w.dim() > 1:
         if w.shape != pred.shape:
             fail(name, f"weight of shape {tuple(w.shape)} must have shape {tuple(pred.shape)} "
-                       f"or ({pred.shape[0]},)")
+                       f"or ({pred.shape[0]},)", InputShapeError)
         w = w.mean(-1)
     return _classify(name, w, loss_shape, level)
 

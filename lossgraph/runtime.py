@@ -219,6 +219,8 @@ class CompiledLoss(nn.Module):
     # -- calling ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         roles = self._roles(args, kwargs)
+        if roles.get("reduction_override") is not None:  # MMDetection asserts it first
+            check_reduction(self.spec.name, roles["reduction_override"], "reduction_override")
         if "forward" in self.spec.loss.hooks:
             return self.spec.loss.hooks["forward"](self, roles)
         return self.run_pipeline(roles)

@@ -111,8 +111,6 @@ def test_wrong_value_types(cfg, msg):
     (dict(type="VarifocalLoss", use_sigmoid=False),
      "VarifocalLoss: Only sigmoid varifocal loss supported now."),
     (dict(type="VarifocalLoss", alpha=-0.5), "VarifocalLoss: alpha must be >= 0, got -0.5"),
-    (dict(type="SmoothL1Loss", beta=0), "SmoothL1Loss: beta must be > 0, got 0.0"),
-    (dict(type="BalancedL1Loss", beta=-1.0), "BalancedL1Loss: beta must be > 0, got -1.0"),
     (dict(type="CrossEntropyLoss", use_sigmoid=True, use_mask=True),
      "CrossEntropyLoss: use_sigmoid and use_mask cannot both be True"),
 ])
@@ -128,10 +126,10 @@ def test_invalid_reduction_and_override(focal, x, y):
     with pytest.raises(ConfigError, match=exact(
             "L1Loss: reduction must be one of 'none', 'mean', 'sum', got None")):
         compile_ts(dict(type="L1Loss", reduction=None))
-    with pytest.raises(ConfigError, match=exact(
+    with pytest.raises(InputError, match=exact(
             "FocalLoss: reduction_override must be one of 'none', 'mean', 'sum', got 'Mean'")):
         focal(x, y, reduction_override="Mean")
-    with pytest.raises(ConfigError, match=exact(
+    with pytest.raises(InputError, match=exact(
             "FocalLoss: reduction_override must be one of 'none', 'mean', 'sum', got ''")):
         focal(x, y, reduction_override="")
 
@@ -367,3 +365,89 @@ def test_other_definition_mistakes(registry_guard):
         lg.per_class("w", [1.0])
     with pytest.raises(TypeError, match=exact("lg.clamp needs a symbolic value")):
         lg.clamp(2.0, 0.0, 1.0)
+
+
+# -- MMDetection's exception classes (Note [Exception compatibility]) ------------------------------
+
+@pytest.mark.parametrize("cfg, msg", [
+    (dict(type="FocalLoss", use_sigmoid=False), "FocalLoss: Only sigmoid focal loss supported now."),
+    (dict(type="FocalCustomLoss", num_classes=-1), "FocalCustomLoss: num_classes must be set (it is -1)"),
+    (dict(type="QualityFocalLoss", use_sigmoid=False), "QualityFocalLoss: Only sigmoid in QFL supported now."),
+    (dict(type="VarifocalLoss", alpha=-0.5), "VarifocalLoss: alpha must be >= 0, got -0.5"),
+    (dict(type="KnowledgeDistillationKLDivLoss", T=0.5), "KnowledgeDistillationKLDivLoss: T must be >= 1, got 0.5"),
+    (dict(type="SeesawLoss", use_sigmoid=True),
+     "SeesawLoss: use_sigmoid=True is not supported: SeesawLoss is a softmax loss"),
+    (dict(type="CrossEntropyLoss", use_sigmoid=True, use_mask=True),
+     "CrossEntropyLoss: use_sigmoid and use_mask cannot both be True"),
+    (dict(type="CrossEntropyCustomLoss"), "CrossEntropyCustomLoss: num_classes must be set (it is -1)"),
+])
+def test_build_time_asserts_are_assertion_errors(cfg, msg):
+    """MMDetection asserts these in __init__: building raises ConfigError and AssertionError."""
+    with pytest.raises(lg.ConfigAssertion, match=exact(msg)) as e:
+        compile_ts(cfg)
+    assert isinstance(e.value, AssertionError) and isinstance(e.value, ConfigError)
+
+
+def test_ghmc_softmax_is_not_implemented_at_build():
+    with pytest.raises(NotImplementedError) as e:
+        compile_ts(dict(type="GHMC", use_sigmoid=False))
+    assert isinstance(e.value, ConfigError)
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    (dict(type="SmoothL1Loss", beta=0), "SmoothL1Loss: beta must be > 0, got 0.0"),
+    (dict(type="BalancedL1Loss", beta=-1.0), "BalancedL1Loss: beta must be > 0, got -1.0"),
+])
+def test_beta_is_asserted_at_the_call(cfg, msg, x):
+    """smooth_l1_loss / balanced_l1_loss assert beta > 0 when called, so building succeeds."""
+    loss = compile_ts(cfg)
+    for _ in range(2):      # every call raises, not only the first
+        with pytest.raises(AssertionError, match=exact(msg)) as e:
+            loss(x, x)
+        assert isinstance(e.value, ConfigError)
+
+
+def test_dice_softmax_is_not_implemented_at_the_call():
+    loss = compile_ts(dict(type="DiceLoss", use_sigmoid=False, activate=True))
+    with pytest.raises(NotImplementedError, match="softmax is not implemented") as e:
+        loss(torch.randn(2, 3, 3), torch.rand(2, 3, 3))
+    assert isinstance(e.value, ConfigError)
+    unactivated = compile_ts(dict(type="DiceLoss", use_sigmoid=False, activate=False))
+    assert torch.isfinite(unactivated(torch.rand(2, 3, 3), torch.rand(2, 3, 3)))
+
+
+@pytest.mark.parametrize("cfg", [dict(type="FocalLoss"), dict(type="L1Loss"), dict(type="GHMC"),
+                                 dict(type="DiceLoss"), dict(type="GaussianFocalLoss"),
+                                 dict(type="SeesawLoss", num_classes=3)])
+def test_invalid_reduction_override_is_asserted_first(cfg):
+    """Every MMDetection forward asserts reduction_override before it looks at its tensors."""
+    with pytest.raises(AssertionError, match="reduction_override must be one of") as e:
+        compile_ts(cfg)(torch.rand(4, 5), (torch.rand(4, 5),), None, reduction_override=True)
+    assert isinstance(e.value, InputError)
+
+
+def test_shape_errors_are_assertion_and_runtime_errors(focal, x, y):
+    """MMDetection asserts some shapes and lets torch's broadcasting raise RuntimeError on others."""
+    cases = [lambda: compile_ts(dict(type="L1Loss"))(x, x[:3]),
+             lambda: focal(x, y, torch.rand(4, 2)),
+             lambda: compile_ts(dict(type="GIoULoss"))(torch.rand(4, 4), torch.rand(4, 4), torch.rand(4, 2)),
+             lambda: compile_ts(dict(type="DiceLoss"))(x, x, torch.rand(2, 8)),
+             lambda: compile_ts(dict(type="MSELoss"))(x, x, torch.rand(5))]
+    for case in cases:
+        with pytest.raises(lg.InputShapeError) as e:
+            case()
+        assert isinstance(e.value, (AssertionError)) and isinstance(e.value, RuntimeError)
+        assert isinstance(e.value, InputError)
+
+
+def test_call_time_asserts(x):
+    mask = compile_ts(dict(type="CrossEntropyLoss", use_mask=True))
+    rois = torch.randn(4, 3, 2, 2)
+    with pytest.raises(AssertionError, match="no avg_factor"):
+        mask(rois, torch.rand(4, 2, 2), torch.tensor([0, 1, 2, 0]), avg_factor=2.0)
+    with pytest.raises(AssertionError, match="pos_labels must be given"):
+        compile_ts(dict(type="GaussianFocalLoss"))(x.sigmoid(), x.sigmoid(), torch.tensor([0]))
+    with pytest.raises(AssertionError, match="tuple of two elements"):
+        compile_ts(dict(type="QualityFocalLoss"))(x, (torch.tensor([0, 1, 2, 3]),))
+    with pytest.raises(AssertionError, match="get_cls_channels"):
+        compile_ts(dict(type="CrossEntropyCustomLoss", num_classes=3)).get_cls_channels(4)

@@ -223,7 +223,7 @@ def test_ghm_input_errors_leave_the_state_alone():
     loss = lossgraph.compile(dict(type="GHMC", momentum=0.5))
     with pytest.raises(lossgraph.InputError, match="one value per row"):
         loss(torch.randn(4, 3), torch.randint(0, 4, (4,)), torch.ones(4, 3))
-    with pytest.raises(lossgraph.ConfigError, match="reduction_override"):
+    with pytest.raises(lossgraph.InputError, match="reduction_override"):
         loss(torch.randn(4, 3), torch.randint(0, 4, (4,)), torch.ones(4), reduction_override="avg")
     loss = lossgraph.compile(dict(type="GHMR", momentum=0.5))
     with pytest.raises(lossgraph.InputError, match="does not broadcast"):

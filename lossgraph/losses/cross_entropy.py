@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from ..build import check, is_labels, per_class
+from ..errors import ConfigAssertion, InputAssertion
 from ..config import check_reduction
 from ..inputs import check_label_range, compute_dtype, fail
 from ..registry import register_loss
@@ -136,9 +137,10 @@ def _mask_forward(module, a):
     if override is not None:
         check_reduction(spec.name, override, "reduction_override")
     if (ii if ii is not None else spec.kwargs()["ignore_index"]) is not None:
-        fail(spec.name, "BCE loss does not support ignore_index (use_mask=True)")
+        fail(spec.name, "BCE loss does not support ignore_index (use_mask=True)", InputAssertion)
     if (override or spec.reduction) != "mean" or a.get("avg_factor") is not None:
-        fail(spec.name, "use_mask=True supports only reduction='mean' and no avg_factor")
+        fail(spec.name, "use_mask=True supports only reduction='mean' and no avg_factor",
+             InputAssertion)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.numel() != pred.shape[0]:
         fail(spec.name, "use_mask=True takes the label of each RoI as its 3rd argument: a tensor "
                         f"of shape ({pred.shape[0]},), got "
@@ -162,9 +164,10 @@ def cross_entropy_loss(pred, target, use_sigmoid: bool = False, use_mask: bool =
     Softmax: -cw[y] log_softmax(x)[y] per row, 0 where y == ignore_index (default -100).
     Mask (use_mask=True): BCE-with-logits of the gathered label channel (see _mask_forward),
     class_weight as a weight broadcast against the mask's last axis, as torch broadcasts it."""
-    check(not (use_sigmoid and use_mask), "use_sigmoid and use_mask cannot both be True")
+    check(not (use_sigmoid and use_mask), "use_sigmoid and use_mask cannot both be True", ConfigAssertion)
     if use_mask:
-        check(ignore_index is None, "BCE loss does not support ignore_index (use_mask=True)")
+        check(ignore_index is None, "BCE loss does not support ignore_index (use_mask=True)",
+              ConfigAssertion, at_call=True)
         cw = _class_weight(class_weight)
         loss = bce_with_logits(pred, target)
         return loss if cw is None else loss * cw
@@ -208,7 +211,7 @@ def custom_accuracy(self, cls_score, labels):
 def _ce_cls_channels(self, num_classes):
     """get_cls_channels: C + 1 logits for softmax (the background last), C for sigmoid."""
     if num_classes != self.num_classes:
-        raise ValueError(f"{self.spec.name}: get_cls_channels({num_classes}) but the loss was "
+        raise InputAssertion(f"{self.spec.name}: get_cls_channels({num_classes}) but the loss was "
                          f"built with num_classes={self.num_classes}")
     return num_classes if self.use_sigmoid else num_classes + 1
 
@@ -239,7 +242,7 @@ def cross_entropy_custom_loss(pred, target, use_sigmoid: bool = False, use_mask:
                               ignore_index: Optional[int] = None, avg_non_ignore: bool = False):
     """CrossEntropyLoss for V3Det heads: the same loss, plus `num_classes` (required, != -1) and
     the custom_cls_channels / custom_activation / custom_accuracy hooks heads call."""
-    check(num_classes != -1, "num_classes must be set (it is -1)")
+    check(num_classes != -1, "num_classes must be set (it is -1)", ConfigAssertion)
     return cross_entropy_loss(pred, target, use_sigmoid=use_sigmoid, use_mask=use_mask,
                               class_weight=class_weight, ignore_index=ignore_index,
                               avg_non_ignore=avg_non_ignore)

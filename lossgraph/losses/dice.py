@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..build import check
+from ..errors import ConfigNotImplemented, InputShapeError
 from ..inputs import fail
 from ..registry import register_loss
 from ..symbolic import rowsum, sigmoid
@@ -22,11 +23,12 @@ def _dice_forward(module, a):
                        f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if target.shape[0] != pred.shape[0] or target[0].numel() != pred[0].numel():
         fail(name, f"target of shape {tuple(target.shape)} does not match pred of shape "
-                   f"{tuple(pred.shape)}")
+                   f"{tuple(pred.shape)}", InputShapeError)
     w = a.get("weight")
     if w is not None and (not isinstance(w, torch.Tensor) or w.dim() != 1 or len(w) != len(pred)):
         fail(name, f"weight must have shape ({len(pred)},), one value per instance, got "
-                   f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+                   f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}",
+             InputShapeError)
     return module.run_pipeline({**a, "pred": pred.flatten(1), "target": target.flatten(1)})
 
 
@@ -40,7 +42,8 @@ def dice_loss(pred, target, use_sigmoid: bool = True, activate: bool = True,
     inputs flattened to (n, -1) and the target cast to float; 'mean' averages over instances.
     """
     check(not activate or use_sigmoid, "activate=True needs use_sigmoid=True (softmax is not "
-                                       "implemented in MMDetection's DiceLoss)")
+                                       "implemented in MMDetection's DiceLoss)",
+          ConfigNotImplemented, at_call=True)
     p = sigmoid(pred) if activate else pred
     a = rowsum(p * target)
     if naive_dice:

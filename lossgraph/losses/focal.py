@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..build import check, is_labels
+from ..errors import ConfigAssertion, InputAssertion
 from ..inputs import fail
 from ..registry import register_loss
 from ..symbolic import bce_with_logits, binary_cross_entropy, one_hot, sigmoid
@@ -24,7 +25,7 @@ def focal_loss(pred, target, use_sigmoid: bool = True, gamma: float = 2.0, alpha
     Labels are in [0, C], C being background (an all-zero row); a same-shape target is used as
     is; `activated=True` takes probabilities and binary_cross_entropy (logs clamped at -100).
     """
-    check(use_sigmoid is True, "Only sigmoid focal loss supported now.")
+    check(use_sigmoid is True, "Only sigmoid focal loss supported now.", ConfigAssertion)
     t = one_hot(target) if is_labels(target) else target
     p = pred if activated else sigmoid(pred)
     pt = (1 - p) * t + p * (1 - t)
@@ -38,7 +39,7 @@ def focal_loss(pred, target, use_sigmoid: bool = True, gamma: float = 2.0, alpha
 def _focal_cls_channels(self, num_classes):
     """get_cls_channels: C sigmoid logits."""
     if num_classes != self.num_classes:
-        raise ValueError(f"{self.spec.name}: get_cls_channels({num_classes}) but the loss was "
+        raise InputAssertion(f"{self.spec.name}: get_cls_channels({num_classes}) but the loss was "
                          f"built with num_classes={self.num_classes}")
     return num_classes
 
@@ -63,6 +64,6 @@ def focal_custom_loss(pred, target, use_sigmoid: bool = True, num_classes: int =
     """FocalLoss for V3Det heads: always the logits path with labels one-hot expanded over
     pred.size(1) + 1 classes (the last, background, dropped). As in MMDetection 3.3.0,
     `activated` is stored but unused, and num_classes must be set (!= -1)."""
-    check(use_sigmoid is True, "Only sigmoid focal loss supported now.")
-    check(num_classes != -1, "num_classes must be set (it is -1)")
+    check(use_sigmoid is True, "Only sigmoid focal loss supported now.", ConfigAssertion)
+    check(num_classes != -1, "num_classes must be set (it is -1)", ConfigAssertion)
     return focal_loss(pred, target, gamma=gamma, alpha=alpha, activated=False)

@@ -1,6 +1,7 @@
 """GaussianFocalLoss (gaussian_focal_loss.py): CornerNet's focal loss on Gaussian heatmaps."""
 from __future__ import annotations
 
+from ..errors import InputAssertion
 from ..inputs import fail
 from ..registry import register_loss
 from ..symbolic import log, to_float
@@ -32,7 +33,7 @@ def _forward(module, a):
         return module.run_pipeline(a)
     spec, kw = module.spec, module.spec.kwargs()
     if a.get("pos_labels") is None:
-        fail(spec.name, "pos_labels must be given with pos_inds")
+        fail(spec.name, "pos_labels must be given with pos_inds", InputAssertion)
     pred = a["pred"]
     pos_pred = pred[pos_inds].gather(1, a["pos_labels"].unsqueeze(1))
     common = {"avg_factor": a.get("avg_factor"), "reduction_override": a.get("reduction_override")}

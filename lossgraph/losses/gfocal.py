@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..build import check, is_labels, row_input
+from ..errors import ConfigAssertion, InputAssertion
 from ..inputs import FLOATS, INTS, compute_dtype, fail, target_form
 from ..registry import register_loss
 from ..symbolic import (abs, bce_with_logits, binary_cross_entropy, class_index, floor,
@@ -27,7 +28,8 @@ def _qfl_target(spec, call, target):
         return
     if not isinstance(target, (tuple, list)) or len(target) != 2:
         fail(spec.name, "target for QFL must be a tuple of two elements, including category "
-                        "label and quality label, respectively (or a dense (N, C) tensor)")
+                        "label and quality label, respectively (or a dense (N, C) tensor)",
+             InputAssertion)
     labels, score = target
     rows = tuple(pred.shape[:-1])
     for what, t, dtypes in (("labels", labels, INTS), ("scores", score, FLOATS)):
@@ -56,7 +58,7 @@ def quality_focal_loss(pred, target, use_sigmoid: bool = True, beta: float = 2.0
     with t != 0 are the positives). For t = 0 the term is BCE(x, 0) sigmoid(x)^beta, exactly
     MMDetection's negative term. `activated=True` takes probabilities and binary_cross_entropy.
     """
-    check(use_sigmoid is True, "Only sigmoid in QFL supported now.")
+    check(use_sigmoid is True, "Only sigmoid in QFL supported now.", ConfigAssertion)
     if is_labels(target):
         t = where(target == class_index(pred), row_input(QFL_SCORE), 0.0)
     else:

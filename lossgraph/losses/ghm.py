@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..build import check, is_labels
+from ..errors import ConfigNotImplemented
 from ..config import check_reduction
 from ..inputs import FLOATS, INTS, broadcast, check_pred, compute_dtype, fail, target_form
 from ..registry import register_loss
@@ -174,7 +175,7 @@ def ghmc(pred, target, bins: int = 10, momentum: float = 0.0, use_sigmoid: bool 
     binary (N, C) target; label_weight only marks valid elements (> 0).
     """
     if not use_sigmoid:
-        raise NotImplementedError("GHMC: use_sigmoid=False is not implemented (as in MMDetection)")
+        raise ConfigNotImplemented("GHMC: use_sigmoid=False is not implemented (as in MMDetection)")
     check(bins >= 1, f"bins must be a positive integer, got {bins}")
     t = one_hot(target) if is_labels(target) else target
     return bce_with_logits(pred, t)

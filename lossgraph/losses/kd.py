@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..build import check
+from ..errors import ConfigAssertion
 from ..registry import register_loss
 from ..symbolic import exp, log, logsumexp, rowmax, rowsum, stop_gradient, where, width
 
@@ -35,7 +36,7 @@ def kd_kl_div_loss(pred, target, T: float = 10):
     F.kl_div's xlogy convention (a term with q == 0 is 0). q is computed as torch's softmax
     (exp(s - max) / sum) and log q = log(q), so the values round as MMDetection's do.
     """
-    check(T >= 1, f"T must be >= 1, got {T}")
+    check(T >= 1, f"T must be >= 1, got {T}", ConfigAssertion)
     s = target / T
     e = exp(s - rowmax(s))
     q = stop_gradient(e / rowsum(e))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import check, col_input
+from ..errors import ConfigAssertion, InputAssertion, InputShapeError
 from ..config import check_reduction, parse
 from ..inputs import (FLOATS, INTS, Exact, check_label_range, check_pred, compute_dtype, fail,
                       target_form)
@@ -81,7 +82,8 @@ def _check_inputs(module, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
     cls_score = check_pred(spec.name, a["pred"])
     if cls_score.shape[-1] != c + 2:
         fail(spec.name, f"cls_score must have num_classes + 2 = {c + 2} channels (classes, then "
-                        f"object and background), got shape {tuple(cls_score.shape)}")
+                        f"object and background), got shape {tuple(cls_score.shape)}",
+             InputShapeError)
     labels = a["target"]
     target_form(spec.name, "labels", cls_score, labels)
     check_label_range(spec.name, labels, 0, c, f"{c} = background")
@@ -129,7 +131,7 @@ def _forward(module, a):
 def _split(self, cls_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if cls_score.size(-1) != self.num_classes + 2:
         fail(self.spec.name, f"cls_score must have num_classes + 2 = {self.num_classes + 2} "
-                             f"channels, got shape {tuple(cls_score.shape)}")
+                             f"channels, got shape {tuple(cls_score.shape)}", InputShapeError)
     return cls_score[..., :-2], cls_score[..., -2:]
 
 
@@ -137,7 +139,7 @@ def get_cls_channels(self, num_classes: int) -> int:
     """The classifier's output channels: num_classes + 2 (the two objectness logits)."""
     if num_classes != self.num_classes:
         fail(self.spec.name, f"get_cls_channels({num_classes}) but the loss was configured with "
-                             f"num_classes={self.num_classes}")
+                             f"num_classes={self.num_classes}", InputAssertion)
     return num_classes + 2
 
 
@@ -184,7 +186,8 @@ def seesaw_loss(pred, target, use_sigmoid: bool = False, p: float = 0.8, q: floa
     z' = z + log(M * K) off the label column (see the module docstring); the objectness columns
     are masked out with -inf. M and K carry no gradient (counts; a detached softmax).
     """
-    check(not use_sigmoid, "use_sigmoid=True is not supported: SeesawLoss is a softmax loss")
+    check(not use_sigmoid, "use_sigmoid=True is not supported: SeesawLoss is a softmax loss",
+          ConfigAssertion)
     check(num_classes >= 1, f"num_classes must be a positive integer, got {num_classes}")
     k = class_index(pred)
     z = where(k < num_classes, pred, -math.inf)

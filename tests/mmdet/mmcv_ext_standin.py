@@ -52,6 +52,17 @@ def _getattr(name: str):
     return _missing(name)
 
 
+def install_unless_full() -> None:
+    """install() where mmcv is mmcv-lite (no compiled `_ext`); full mmcv keeps its own ops."""
+    import importlib.util
+    if importlib.util.find_spec("mmcv") is None:
+        return
+    try:
+        import mmcv._ext  # noqa: F401
+    except ImportError:
+        install()
+
+
 def install() -> types.ModuleType:
     """Put the stand-in into sys.modules as mmcv._ext (idempotent); returns it."""
     if NAME in sys.modules:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import logging
 
+import mmcv_ext_standin
 import pytest
 import torch
 
-import lossgraph
-import lossgraph.mmdet as lm
-from mmdet.models.losses import GHMC, FocalLoss, SeesawLoss
-from mmdet.registry import MODELS
+mmcv_ext_standin.install_unless_full()
+
+import lossgraph  # noqa: E402
+import lossgraph.mmdet as lm  # noqa: E402
+from mmdet.models.losses import GHMC, FocalLoss, SeesawLoss  # noqa: E402
+from mmdet.registry import MODELS  # noqa: E402
 
 pytestmark = pytest.mark.mmdet
 FOCAL = dict(use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0)

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .build import check, is_labels, per_class, row_input, scalar_input  # noqa: E402
 from .config import parse, public_names  # noqa: E402
 from .errors import (BackendError, ConfigAssertion, ConfigError, ConfigNotImplemented,  # noqa: E402
-                     InputAssertion, InputError, InputShapeError)
+                     ConfigTypeError, InputAssertion, InputError, InputShapeError)
 from .registry import REGISTRY, register_loss  # noqa: E402
 from .symbolic import (Sym, abs, asin, atan, bce_with_logits, binary_cross_entropy,  # noqa: E402,A004
                        class_index, clamp, cos, exp, floor, log, log1p, logsigmoid, logsumexp,
@@ -32,7 +32,7 @@ def known_losses() -> list[str]:
 
 
 __all__ = ["compile", "register_loss", "CompiledLoss", "ConfigError", "InputError",
-           "BackendError", "ConfigAssertion", "ConfigNotImplemented", "InputAssertion",
+           "BackendError", "ConfigAssertion", "ConfigNotImplemented", "ConfigTypeError", "InputAssertion",
            "InputShapeError", "known_losses", "Sym", "abs", "exp", "log", "log1p", "sqrt", "sigmoid",
            "logsigmoid", "softplus", "where", "minimum", "maximum", "clamp", "sign", "floor", "atan",
            "asin", "cos", "sin", "tanh", "stop_gradient", "rowsum", "rowmax", "logsumexp", "take",

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ConfigError, InputAssertion
+from .errors import ConfigError, ConfigTypeError, InputAssertion
 from .ops import REDUCTIONS
 from .registry import PIPELINE_KEYS, REGISTRY, LossDef
 
@@ -85,7 +85,7 @@ def parse(config: Mapping[str, Any]) -> Spec:
     for key in cfg:
         if key not in loss.params and key not in PIPELINE_KEYS:
             valid = sorted(list(loss.params) + list(PIPELINE_KEYS))
-            raise ConfigError(f"{name} got unknown config key '{key}'{closest(key, valid)} "
+            raise ConfigTypeError(f"{name} got unknown config key '{key}'{closest(key, valid)} "
                               f"(valid keys: {', '.join(valid)})")
     hyper = tuple((k, p.check(name, cfg.get(k, p.default))) for k, p in loss.params.items())
     return Spec(loss, hyper, check_reduction(name, cfg.get("reduction", "mean"), "reduction"),

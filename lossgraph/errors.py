@@ -5,9 +5,11 @@ lossgraph raises an instance of the same built-in class, at the same moment (bui
 or calling it), so code that catches MMDetection's exceptions keeps working. The classes below
 keep lossgraph's own ConfigError / InputError (both ValueError) and add the built-in MMDetection
 raises through multiple inheritance: an `assert` in MMDetection is a *Assertion here, a
-`raise NotImplementedError` a *NotImplemented. A shape that MMDetection rejects is rejected by an
+`raise NotImplementedError` a *NotImplemented, an unknown keyword a ConfigTypeError. A shape that MMDetection rejects is rejected by an
 `assert` in some losses (pred.size() == target.size()) and by torch's broadcasting (a
-RuntimeError) in others, so InputShapeError is both.
+RuntimeError) in others, so InputShapeError is both. Where lossgraph checks more than MMDetection
+(a config value of the wrong type, GHMC bins=0, an invalid `reduction`), it raises at build what
+MMDetection would raise, if at all, only when called.
 """
 
 
@@ -26,6 +28,11 @@ class ConfigAssertion(ConfigError, AssertionError):
 class ConfigNotImplemented(ConfigError, NotImplementedError):
     """A config MMDetection accepts but does not implement (e.g. DiceLoss softmax); raised when
     MMDetection raises it, at the call."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An unknown config key (a TypeError from MMDetection's __init__) or a value of the wrong
+    type (MMDetection's ops raise TypeError on it, at the call; lossgraph rejects it at build)."""
 
 
 class InputAssertion(InputError, AssertionError):

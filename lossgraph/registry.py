@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .errors import ConfigAssertion, ConfigTypeError
 
 # The forward signature shared by almost every MMDetection loss (mmdet-losses.md §1.4).
 DEFAULT_FORWARD = ("pred", "target", "weight=None", "avg_factor=None", "reduction_override=None")
@@ -31,9 +31,11 @@ class Param:
         """Return `value` normalized to the declared type, or raise ConfigError naming the key."""
         ok, norm = _conforms(value, self.type if self.type is not None else _infer(self.default))
         if not ok:
-            want = _type_name(self.type if self.type is not None else _infer(self.default))
-            raise ConfigError(f"{loss}: config key '{self.name}' must be {want}, "
-                              f"got {type(value).__name__} {value!r}")
+            t = self.type if self.type is not None else _infer(self.default)
+            # a value outside a Literal's choices is an `assert mode in [...]` in MMDetection
+            error = ConfigAssertion if typing.get_origin(t) is typing.Literal else ConfigTypeError
+            raise error(f"{loss}: config key '{self.name}' must be {_type_name(t)}, "
+                        f"got {type(value).__name__} {value!r}")
         return norm
 
 

@@ -451,3 +451,15 @@ def test_call_time_asserts(x):
         compile_ts(dict(type="QualityFocalLoss"))(x, (torch.tensor([0, 1, 2, 3]),))
     with pytest.raises(AssertionError, match="get_cls_channels"):
         compile_ts(dict(type="CrossEntropyCustomLoss", num_classes=3)).get_cls_channels(4)
+
+
+def test_config_keys_and_types_are_type_errors():
+    """An unknown keyword is a TypeError in MMDetection's __init__; a Literal choice an assert."""
+    with pytest.raises(TypeError, match="got unknown config key 'bogus'") as e:
+        compile_ts(dict(type="FocalLoss", bogus=1))
+    assert isinstance(e.value, ConfigError)
+    with pytest.raises(lg.ConfigTypeError, match="config key 'gamma' must be a number"):
+        compile_ts(dict(type="FocalLoss", gamma="a"))
+    with pytest.raises(AssertionError, match=exact(
+            "IoULoss: config key 'mode' must be one of 'linear', 'square', 'log', got str 'bad'")):
+        compile_ts(dict(type="IoULoss", mode="bad"))

@@ -40,6 +40,8 @@ def test_training_matches_mmdetection(model, data, tmp_path):
     assert len(keys) == len(T.MODELS[model][2]) + 1, keys      # each head loss, then their sum
     for k in keys:
         drift = max(abs(c[k] - m[k]) for c, m in zip(ctrl, mm))
+        print(f"{model} {k}: max |lossgraph - mmdet| {max(abs(a[k] - m[k]) for a, m in zip(lg, mm)):.2e}, "
+              f"control drift {drift:.2e}, final mmdet {mm[-1][k]:.6f}")
         for step, (a, m) in enumerate(zip(lg, mm)):
             assert math.isfinite(a[k])
             bound = max(drift, 4 * ulp32(m[k]))

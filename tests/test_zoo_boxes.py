@@ -98,7 +98,7 @@ def test_zero_weight_early_exit(backend):
     cfg = dict(type="IoULoss", loss_weight=3.0)
     out = check_zoo(loss, cfg, p, t, weight=torch.zeros(N), reduction_override="none")
     assert out.shape == (N,) and torch.equal(out, torch.zeros(N, dtype=out.dtype))
-    with pytest.raises(lossgraph.ConfigError, match="reduction_override"):
+    with pytest.raises(lossgraph.InputError, match="reduction_override"):
         loss(p, t, weight=torch.zeros(N), reduction_override="bogus")
 
 

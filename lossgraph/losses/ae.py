@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigTypeError
 from ..inputs import check_pred, fail
 from ..registry import register_loss
 from ..symbolic import where
@@ -80,7 +80,7 @@ def _forward(module, a):
 
 def _init(spec):
     if spec.reduction != "mean" or spec.loss_weight != 1.0:
-        raise ConfigError(f"{spec.name} has no 'reduction' or 'loss_weight' (MMDetection's takes "
+        raise ConfigTypeError(f"{spec.name} has no 'reduction' or 'loss_weight' (MMDetection's takes "
                           f"pull_weight and push_weight)")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..build import check, col_input
+from ..errors import InputShapeError
 from ..inputs import Exact, check_label_range, check_pred, compute_dtype, fail, target_form
 from ..registry import register_loss
 from ..symbolic import bce_with_logits, one_hot
@@ -78,7 +79,7 @@ def _forward(module, a):
     labels = a["target"]
     if pred.dim() != 2 or pred.shape[1] != c + 1:
         fail(spec.name, f"cls_score must have shape (N, num_classes + 1) = (N, {c + 1}), got "
-                        f"{tuple(pred.shape)}")
+                        f"{tuple(pred.shape)}", InputShapeError)
     target_form(spec.name, "labels", pred, labels)
     check_label_range(spec.name, labels, 0, c, f"{c} = the objectness column")
     if module.pos_neg.device != pred.device:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..config import check_reduction
+from ..errors import InputShapeError
 from ..inputs import FLOATS, INTS, check_pred, fail
 from ..registry import register_loss
 from ..symbolic import clamp, where
@@ -52,7 +53,8 @@ def _check(spec, pred, target, weight):
     name = spec.name
     if not isinstance(target, torch.Tensor) or target.shape != pred.shape:
         fail(name, f"target must be a tensor of pred's shape {tuple(pred.shape)}, got "
-                   f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+                   f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}",
+             InputShapeError)
     if target.dtype not in FLOATS + INTS:
         fail(name, f"target must be a numeric tensor, got {target.dtype}")
     if weight is not None and (not isinstance(weight, torch.Tensor) or weight.shape != pred.shape):

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..errors import InputShapeError
 from ..inputs import fail
 from ..registry import register_loss
 from ..symbolic import exp, log, rowmax, rowsum, softplus, stop_gradient, where
@@ -33,7 +34,8 @@ def _forward(module, a):
     if isinstance(pred, torch.Tensor) and isinstance(label, torch.Tensor) and \
             pred.shape != label.shape:
         fail(module.spec.name, f"label of shape {tuple(label.shape)} must have cls_score's shape "
-                               f"{tuple(pred.shape)} (1 for positives, 0 for negatives)")
+                               f"{tuple(pred.shape)} (1 for positives, 0 for negatives)",
+             InputShapeError)
     return module.run_pipeline({k: a.get(k) for k in ("pred", "target", "weight", "avg_factor",
                                                       "reduction_override")})
 

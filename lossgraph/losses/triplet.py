@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigNotImplemented, ConfigTypeError
 from ..inputs import FLOATS, INTS, check_pred, fail
 from ..registry import register_loss
 from ..symbolic import clamp, rowmax, where
@@ -43,7 +43,7 @@ def distance_matrix(x: torch.Tensor) -> torch.Tensor:
 def _forward(module, a):
     spec = module.spec
     if not module.hard_mining:
-        raise NotImplementedError(f"{spec.name}: hard_mining=False is not implemented "
+        raise ConfigNotImplemented(f"{spec.name}: hard_mining=False is not implemented "
                                   f"(as in MMDetection)")
     x, labels = check_pred(spec.name, a["inputs"]), a["targets"]
     if x.dim() != 2:
@@ -62,7 +62,7 @@ def _forward(module, a):
 
 def _init(spec):
     if spec.reduction != "mean":
-        raise ConfigError(f"{spec.name} has no 'reduction': it always returns the mean over the "
+        raise ConfigTypeError(f"{spec.name} has no 'reduction': it always returns the mean over the "
                           f"batch (MMDetection's MarginRankingLoss)")
 
 

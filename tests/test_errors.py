@@ -463,3 +463,13 @@ def test_config_keys_and_types_are_type_errors():
     with pytest.raises(AssertionError, match=exact(
             "IoULoss: config key 'mode' must be one of 'linear', 'square', 'log', got str 'bad'")):
         compile_ts(dict(type="IoULoss", mode="bad"))
+
+
+def test_multipos_ce_takes_integer_scores_as_mmdetection():
+    """MMDetection 3.3.0's own test passes an int64 cost matrix; its first op makes it float32."""
+    loss = compile_ts(dict(type="MultiPosCrossEntropyLoss"))
+    costs = torch.tensor([[1, 0], [0, 1]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = loss(costs, labels)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, loss(costs.float(), labels), rtol=0, atol=0)

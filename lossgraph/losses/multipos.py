@@ -36,8 +36,13 @@ def _forward(module, a):
         fail(module.spec.name, f"label of shape {tuple(label.shape)} must have cls_score's shape "
                                f"{tuple(pred.shape)} (1 for positives, 0 for negatives)",
              InputShapeError)
-    return module.run_pipeline({k: a.get(k) for k in ("pred", "target", "weight", "avg_factor",
-                                                      "reduction_override")})
+    if isinstance(pred, torch.Tensor) and not pred.is_floating_point() and not pred.is_complex() \
+            and pred.dtype != torch.bool:
+        # MMDetection's first op, pred * pos_inds.float(), promotes integer scores to float32
+        # (its own unit test passes an int64 cost matrix)
+        pred = pred.float()
+    return module.run_pipeline({**{k: a.get(k) for k in ("target", "weight", "avg_factor",
+                                                          "reduction_override")}, "pred": pred})
 
 
 def _side(values, member):

@@ -214,6 +214,18 @@ int lg_any_positive_f64(const double* w, long long n) {
   for (long long i = 0; i < n; i++) any |= (w[i] > 0.0);
   return any;
 }
+int lg_in_range_i64(const long long* x, long long n, long long lo, long long hi) {
+  int bad = 0;
+  #pragma omp simd reduction(|:bad)
+  for (long long i = 0; i < n; i++) bad |= (x[i] < lo) | (x[i] > hi);
+  return !bad;
+}
+int lg_in_range_i32(const int* x, long long n, long long lo, long long hi) {
+  int bad = 0;
+  #pragma omp simd reduction(|:bad)
+  for (long long i = 0; i < n; i++) bad |= (x[i] < lo) | (x[i] > hi);
+  return !bad;
+}
 """
 
 
@@ -229,6 +241,8 @@ def _helpers():
         return None
     for name in ("lg_any_positive_f32", "lg_any_positive_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+    for name in ("lg_in_range_i64", "lg_in_range_i32"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] + [ctypes.c_longlong] * 3
     return lib
 
 
@@ -247,6 +261,19 @@ def any_positive(t: torch.Tensor) -> bool | None:
     return bool(fn(t.data_ptr(), t.numel()))
 
 
+def in_range(t: torch.Tensor, lo: int, hi: int) -> bool | None:
+    """Whether every value of a contiguous int64/int32 CPU tensor is in [lo, hi], in one pass
+    without temporaries (the per-call label check); None where the helper does not apply."""
+    if t.dtype not in (torch.int64, torch.int32) or t.device.type != "cpu" or \
+            not t.is_contiguous():
+        return None
+    lib = _helpers()
+    if lib is None:
+        return None
+    fn = lib.lg_in_range_i64 if t.dtype == torch.int64 else lib.lg_in_range_i32
+    return bool(fn(t.data_ptr(), t.numel(), lo, hi))
+
+
 def _tensor_params(meta) -> list[str]:
     return [p for p in meta.params if p != "denom"]  # denom is passed by value
 
@@ -258,13 +285,14 @@ def _contig(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.contiguous()
 
 
-def _outputs(meta, R: int, K: int, compute: torch.dtype, reduction: str):
-    """(loss, grad or None) output tensors of one launch."""
+def _outputs(meta, R: int, K: int, compute: torch.dtype, reduction: str, shape):
+    """(loss, grad or None) output tensors of one launch; the gradient is contiguous, in pred's
+    shape (R x K values in row-major order)."""
     if reduction == "none":
         loss = empty_output((R, K) if meta.loss_level is Level.ELEM else (R,), compute)
     else:
         loss = torch.empty((), dtype=compute)
-    return loss, (empty_output((R, K), compute) if meta.variant.grad else None)
+    return loss, (empty_output(shape, compute) if meta.variant.grad else None)
 
 
 def _denom(call) -> float:
@@ -293,11 +321,11 @@ def run(artifact: Artifact, call, meta):
             t = _contig(t, t.dtype if name == "label" else compute)
         keep.append(t)
         ptrs.append(t.data_ptr())
-    loss, grad = _outputs(meta, R, K, compute, call.reduction)
+    loss, grad = _outputs(meta, R, K, compute, call.reduction, call.pred.shape)
     threads = torch.get_num_threads() if R * K >= MIN_PARALLEL else 1
     artifact.fn(*ptrs, _denom(call), R, K, loss.data_ptr(),
                 grad.data_ptr() if grad is not None else None, threads)
-    return loss, (grad.view(call.pred.shape) if grad is not None else None)
+    return loss, grad
 
 
 def plan(artifact: Artifact, call, meta):
@@ -330,8 +358,8 @@ def plan(artifact: Artifact, call, meta):
         tensors = c.tensors
         ptrs = [c.pred.data_ptr() if s is None else
                 (tensors[s] if isinstance(s, str) else s).data_ptr() for s in names]
-        loss, grad = _outputs(meta, R, K, compute, c.reduction)
+        loss, grad = _outputs(meta, R, K, compute, c.reduction, shape)
         fn(*ptrs, _denom(c), R, K, loss.data_ptr(), grad.data_ptr() if grad is not None else None,
            torch.get_num_threads() if parallel else 1)
-        return loss, (grad.view(shape) if grad is not None else None)
+        return loss, grad
     return launch

@@ -335,7 +335,10 @@ class CompiledLoss(nn.Module):
         I.bind_denominator(call, avg, level)
         if self._check_grad_inputs(call):
             before = None
-        return self._launch(call, level, (*record, before, a) if before is not None else None)
+        out = self._launch(call, level)
+        if before is not None:
+            self._record((*record, before, a), call, level)
+        return out
 
     def variant(self, call: I.Call, grad: bool) -> Variant:
         """The specialization key of a normalized call."""
@@ -348,7 +351,7 @@ class CompiledLoss(nn.Module):
                        denom="tensor" if isinstance(call.denom, torch.Tensor) else "value",
                        params=call.params)
 
-    def _launch(self, call: I.Call, level: Level, record: tuple | None = None):
+    def _launch(self, call: I.Call, level: Level):
         grad = call.pred.requires_grad and torch.is_grad_enabled()
         if grad and call.reduction == "none" and \
                 self.compiler.row_coupled(call.target_form, call.params):
@@ -357,23 +360,26 @@ class CompiledLoss(nn.Module):
         cv = self.compiler.get(v)
         self._last = cv
         shape = call.loss_shape(level) if call.reduction == "none" else None
-        scale = cv.scale_grad
-        if record is not None:
-            self._record(record, call, level, cv, grad, shape, scale)
-        return _apply(call, cv.run, grad, shape, level, scale)
+        return _apply(call, cv.run, grad, shape, level, cv.scale_grad)
 
-    def _record(self, record: tuple, call: I.Call, level: Level, cv, grad: bool, shape, scale):
-        """Keep a plan of this call for its repeats (Note [Call plans]), when one replays it exactly."""
+    def _record(self, record: tuple, call: I.Call, level: Level):
+        """Keep a plan of the call just launched for its repeats (Note [Call plans]), when one
+        replays it exactly."""
         key, args, kwargs, before, a = record
+        grad = call.pred.requires_grad and torch.is_grad_enabled()
+        coupled = grad and call.reduction == "none" and \
+            self.compiler.row_coupled(call.target_form, call.params)
         w = plans.replayable_weight(call, a.get("weight"))
-        if w is False or call.pred.numel() == 0 or \
+        cv = self._last
+        if coupled or cv is None or w is False or call.pred.numel() == 0 or \
                 ("label" if call.target_form == "labels" else "target") not in call.tensors:
             return
         launch = cv.backend.plan(cv.artifact, call, cv.meta) if cv.backend.plan else None
         hooks = {k: f for k, f in self.spec.loss.hooks.items() if k in ("early_exit", "check")}
         self._plans.add(key, plans.Plan(
             self._plans.slots(args, kwargs), "label" if call.target_form == "labels" else "target",
-            w, before, level, cv, launch or cv.run, grad, shape, scale, hooks))
+            w, before, level, cv, launch or cv.run, grad,
+            call.loss_shape(level) if call.reduction == "none" else None, cv.scale_grad, hooks))
 
     def _check_grad_inputs(self, call: I.Call) -> bool:
         """Warn once when a tensor other than pred requires grad; True when one does."""

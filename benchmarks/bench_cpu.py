@@ -2,9 +2,14 @@
 
 Forward+backward time (median of interleaved repeats, one process), peak memory of one step
 (a fresh subprocess per measurement, VmHWM growth) and first-call time. Prints a table and the
-ratios; `--markdown` prints the README table.
+ratios; `--markdown` prints the README table. Two extra sections: the tiny per-call case
+(FocalLoss 8 x 80 on cpp against autograd's floor: a trivial autograd.Function's forward and
+backward on the same tensors) and a size sweep (FocalLoss 1k...1M rows x 80 on cpp, ns per
+element, median and p90, next to a plain copy of the gradient's bytes into a reused buffer).
 
-    python benchmarks/bench_cpu.py                 # time every case
+    python benchmarks/bench_cpu.py                 # time every case, tiny call and sweep
+    python benchmarks/bench_cpu.py --threads 1     # the same on one thread
+    python benchmarks/bench_cpu.py --quick         # fewer repeats, cases and sizes
     python benchmarks/bench_cpu.py --memory --first-call --markdown
 """
 from __future__ import annotations
@@ -40,12 +45,25 @@ def _boxes(n, g):
 def make_case(name: str):
     """(config, eager fn, pred, positional args, keyword args) of one benchmark case."""
     g = torch.Generator().manual_seed(0)
-    if name.startswith("focal"):
-        n = {"focal_100k": 100_000, "focal_44k": 44_800}[name]
+    if name == "focal_custom_v3det":
+        n, c = 1024, 13_204
+        pred = torch.randn(n, c, generator=g) * 2
+        labels = torch.randint(0, c + 1, (n,), generator=g)
+        kw = dict(weight=torch.rand(n, generator=g), avg_factor=float(n // 4))
+        return dict(type="FocalCustomLoss", num_classes=c), eager.focal_loss, pred, (labels,), kw
+    if name.startswith("focal_"):
+        n = {"focal_100k": 100_000, "focal_44k": 44_800, "focal_403k": 403_000}[name]
         pred = torch.randn(n, 80, generator=g) * 2
         labels = torch.randint(0, 81, (n,), generator=g)
         kw = dict(weight=torch.rand(n, generator=g), avg_factor=float(n // 100))
         return dict(type="FocalLoss"), eager.focal_loss, pred, (labels,), kw
+    if name == "seesaw_4k":
+        n, c = 4096, 1203
+        pred = torch.randn(n, c + 2, generator=g) * 2
+        labels = torch.where(torch.rand(n, generator=g) < 0.25,
+                             torch.randint(0, c, (n,), generator=g), torch.full((n,), c))
+        return dict(type="SeesawLoss", num_classes=c), eager.SeesawLoss(c), pred, \
+            (labels, torch.ones(n)), dict(avg_factor=float(n))
     if name == "l1_200k":
         pred, target = torch.randn(200_000, 4, generator=g), torch.randn(200_000, 4, generator=g)
         w = (torch.rand(200_000, 1, generator=g) > 0.7).float().expand(-1, 4).contiguous()
@@ -57,7 +75,7 @@ def make_case(name: str):
         return dict(type="GaussianFocalLoss"), eager.gaussian_focal_loss, pred, (target,), \
             dict(avg_factor=500.0)
     if name.startswith("ce_"):
-        n = {"ce_1k": 1024, "ce_200k": 200_000}[name]
+        n = {"ce_1k": 1024, "ce_100k": 100_000, "ce_200k": 200_000}[name]
         pred = torch.randn(n, 81, generator=g) * 2
         labels = torch.randint(0, 81, (n,), generator=g)
         return dict(type="CrossEntropyLoss"), eager.cross_entropy, pred, (labels,), \
@@ -66,16 +84,19 @@ def make_case(name: str):
         pred, target = _boxes(100_000, g), _boxes(100_000, g)
         return dict(type="GIoULoss"), eager.giou_loss, pred, (target,), \
             dict(weight=torch.rand(100_000, generator=g), avg_factor=1000.0)
-    if name == "dfl_40k":
-        pred = torch.randn(40_000, 17, generator=g)
-        target = torch.rand(40_000, generator=g) * 15.99
+    if name.startswith("dfl_"):
+        n = {"dfl_40k": 40_000, "dfl_160k": 160_000}[name]
+        pred = torch.randn(n, 17, generator=g)
+        target = torch.rand(n, generator=g) * 15.99
         return dict(type="DistributionFocalLoss"), eager.distribution_focal_loss, pred, (target,), \
-            dict(weight=torch.rand(40_000, generator=g), avg_factor=4.0)
+            dict(weight=torch.rand(n, generator=g), avg_factor=4.0)
     raise KeyError(name)
 
 
-CASES = ("focal_100k", "focal_44k", "l1_200k", "gaussian_focal", "ce_1k", "ce_200k", "giou_100k",
-         "dfl_40k")
+CASES = ("focal_100k", "focal_44k", "focal_403k", "focal_custom_v3det", "l1_200k", "gaussian_focal",
+         "ce_1k", "ce_100k", "ce_200k", "giou_100k", "dfl_40k", "dfl_160k", "seesaw_4k")
+QUICK_CASES = ("focal_100k", "focal_403k", "ce_100k", "dfl_160k", "seesaw_4k")
+ELEMENTWISE = ("focal_100k", "focal_44k", "focal_403k", "focal_custom_v3det", "gaussian_focal")
 
 
 def implementation(impl: str, config: dict, fn):
@@ -88,26 +109,100 @@ def implementation(impl: str, config: dict, fn):
 
 def step(f, pred, args, kw):
     pred.grad = None
-    f(pred, *args, **kw).backward()
+    out = f(pred, *args, **kw)
+    (sum(out.values()) if isinstance(out, dict) else out).backward()
 
 
-def time_case(name: str, repeats: int) -> dict[str, float]:
+def time_case(name: str, repeats: int, impls=IMPLS) -> dict[str, float]:
     """Median fwd+bwd milliseconds of each implementation, measured interleaved."""
     config, fn, pred, args, kw = make_case(name)
     if config["type"] not in lg.known_losses():
         return {}
     pred.requires_grad_(True)
-    fns = {i: implementation(i, config, fn) for i in IMPLS}
+    fns = {i: implementation(i, config, fn) for i in impls}
     for f in fns.values():
         step(f, pred, args, kw)
         step(f, pred, args, kw)
-    times: dict[str, list[float]] = {i: [] for i in IMPLS}
+    times: dict[str, list[float]] = {i: [] for i in impls}
     for _ in range(repeats):
         for i, f in fns.items():
             t = time.perf_counter()
             step(f, pred, args, kw)
             times[i].append((time.perf_counter() - t) * 1e3)
     return {i: statistics.median(t) for i, t in times.items()}
+
+
+class _Floor(torch.autograd.Function):
+    """autograd's floor: a Function whose forward and backward do no work."""
+
+    @staticmethod
+    def forward(ctx, pred, labels, weight, grad):
+        ctx.grad = grad
+        return pred.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.grad, None, None, None
+
+
+def time_tiny(repeats: int) -> dict[str, float]:
+    """FocalLoss 8 x 80 fwd+bwd on cpp and autograd's floor on the same tensors, microseconds."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(8, 80, generator=g).requires_grad_(True)
+    labels, weight = torch.randint(0, 81, (8,), generator=g), torch.rand(8, generator=g)
+    loss, grad = lg.compile(dict(type="FocalLoss"), backend="cpp"), torch.zeros(8, 80)
+    fns = {"cpp": lambda: loss(pred, labels, weight, avg_factor=4.0),
+           "floor": lambda: _Floor.apply(pred, labels, weight, grad)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 20):
+        for k, f in fns.items():
+            pred.grad = None
+            t = time.perf_counter()
+            f().backward()
+            if r >= 20:
+                times[k].append((time.perf_counter() - t) * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+SWEEP = (1_000, 10_000, 100_000, 300_000, 1_000_000)
+
+
+def _p90(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]
+
+
+def sweep(sizes, repeats: int) -> list[dict]:
+    """FocalLoss N x 80 fwd+bwd on cpp, ns per element (median, p90), and a plain copy of the
+    gradient's bytes into a reused buffer for scale."""
+    loss, rows = lg.compile(dict(type="FocalLoss"), backend="cpp"), []
+    for n in sizes:
+        _, _, pred, args, kw = make_case("focal_100k") if n == 100_000 else (None, None, *_focal(n))
+        pred.requires_grad_(True)
+        dst, reps = torch.empty_like(pred), max(repeats, min(200, 20_000_000 // n))
+        ts, cs = [], []
+        for r in range(reps + 3):
+            t = time.perf_counter()
+            step(loss, pred, args, kw)
+            t1 = time.perf_counter()
+            dst.copy_(pred.detach())
+            t2 = time.perf_counter()
+            if r >= 3:
+                ts.append(t1 - t)
+                cs.append(t2 - t1)
+        e = pred.numel() / 1e9
+        rows.append({"rows": n, "median_ns": statistics.median(ts) / e, "p90_ns": _p90(ts) / e,
+                     "copy_ns": statistics.median(cs) / e})
+        print(f"sweep {n:>9,d} x 80: {rows[-1]['median_ns']:.2f} ns/elem median, "
+              f"{rows[-1]['p90_ns']:.2f} p90 (copy {rows[-1]['copy_ns']:.2f})", flush=True)
+    return rows
+
+
+def _focal(n: int):
+    g = torch.Generator().manual_seed(n)
+    pred = torch.randn(n, 80, generator=g) * 2
+    labels = torch.randint(0, 81, (n,), generator=g)
+    return pred, (labels,), dict(weight=torch.rand(n, generator=g), avg_factor=float(max(n // 100, 1)))
 
 
 def _hwm_kb() -> int:
@@ -154,12 +249,26 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also measure peak memory per step")
     ap.add_argument("--first-call", action="store_true", help="also measure first-call time")
     ap.add_argument("--markdown", action="store_true", help="print the README table")
+    ap.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"3 repeats, cases {', '.join(QUICK_CASES)}, sweep to 300k rows")
+    ap.add_argument("--no-tiny", action="store_true", help="skip the tiny per-call case")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cases = list(QUICK_CASES) if a.quick and a.cases == list(CASES) else a.cases
+    repeats = 3 if a.quick else a.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, lossgraph {lg.__version__}")
+    tiny = None if a.no_tiny else time_tiny(50 if a.quick else 400)
+    if tiny:
+        print(f"tiny FocalLoss 8x80 fwd+bwd: cpp {tiny['cpp']:.1f} us, autograd floor "
+              f"{tiny['floor']:.1f} us, difference {tiny['cpp'] - tiny['floor']:.1f} us", flush=True)
+    sweep_rows = [] if a.no_sweep else sweep(SWEEP[:4] if a.quick else SWEEP, repeats)
     rows = []
-    for name in a.cases:
-        t = time_case(name, a.repeats)
+    for name in cases:
+        t = time_case(name, repeats)
         if not t:
             print(f"{name}: loss not available in this build, skipped")
             continue
@@ -181,6 +290,20 @@ def main() -> None:
               + f"  torchscript/eager={row['torchscript_ms'] / row['eager_ms']:.2f}", flush=True)
     if a.markdown:
         print(markdown(rows))
+        print(markdown_extra(tiny, sweep_rows))
+
+
+def markdown_extra(tiny: dict | None, sweep_rows: list[dict]) -> str:
+    lines = []
+    if tiny:
+        lines += ["", "| tiny call (FocalLoss 8×80 fwd+bwd) | µs |", "|---|---:|",
+                  f"| lossgraph cpp | {tiny['cpp']:.1f} |", f"| autograd floor | {tiny['floor']:.1f} |"]
+    if sweep_rows:
+        lines += ["", "| FocalLoss rows × 80, cpp | ns/elem median | ns/elem p90 | copy ns/elem |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {r['rows']:,} | {r['median_ns']:.2f} | {r['p90_ns']:.2f} | {r['copy_ns']:.2f} |"
+                  for r in sweep_rows]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:

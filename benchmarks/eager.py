@@ -93,3 +93,38 @@ def distribution_focal_loss(pred, label, weight=None, avg_factor=None):
     return weight_reduce(loss, weight, "mean", avg_factor)
 
 
+
+
+class SeesawLoss:
+    """SeesawLoss (LVIS): cumulative class counts, then mitigation and compensation factors on
+    the positive rows' softmax CE, plus a 2-way objectness CE on every row."""
+
+    def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2):
+        self.num_classes, self.p, self.q, self.eps = num_classes, p, q, eps
+        self.cum_samples = torch.zeros(num_classes + 1)
+
+    def __call__(self, cls_score, labels, weight=None, avg_factor=None):
+        for u in labels.unique():
+            self.cum_samples[u] += (labels == u).sum()
+        c = self.num_classes
+        obj = F.cross_entropy(cls_score[:, -2:], (labels == c).long(), reduction="none")
+        loss_obj = weight_reduce(obj, weight, "mean", avg_factor)
+        pos = labels < c
+        z, y = cls_score[pos][:, :c], labels[pos]
+        if z.numel() == 0:
+            return {"loss_cls_objectness": loss_obj, "loss_cls_classes": cls_score[pos].sum()}
+        onehot = F.one_hot(y, c).type_as(z)
+        counts = self.cum_samples[:c].clamp(min=1)
+        ratio = counts[None, :] / counts[:, None]
+        below = (ratio < 1.0).type_as(z)
+        factor = (ratio.pow(self.p) * below + (1 - below))[y]
+        scores = F.softmax(z.detach(), dim=1)
+        self_scores = scores.gather(1, y[:, None])
+        score_ratio = scores / self_scores.clamp(min=self.eps)
+        above = (score_ratio > 1.0).type_as(z)
+        factor = factor * (score_ratio.pow(self.q) * above + (1 - above))
+        z = z + factor.log() * (1 - onehot)
+        loss = F.cross_entropy(z, y, reduction="none")
+        w = weight[pos] if weight is not None else None
+        return {"loss_cls_objectness": loss_obj,
+                "loss_cls_classes": weight_reduce(loss, w, "mean", avg_factor)}

@@ -51,20 +51,6 @@ def extra_inputs(call: Call) -> tuple[str, ...]:
     return tuple(names)
 
 
-class KernelRun:
-    """The pred-only kernel call of one forward, with what a differentiable backward needs."""
-
-    def __init__(self, module, cv, call: Call, level: Level):
-        self.module, self.cv, self.call, self.level = module, cv, call, level
-
-    def __call__(self):
-        return self.cv.run(self.call)
-
-    def differentiable(self, g: torch.Tensor) -> torch.Tensor:
-        """d(loss)/d(pred) times g, with a graph of its own (create_graph=True)."""
-        return vjp(self.module, self.call, self.level, ("pred",), g, reference=True)[0]
-
-
 def launch(module, call: Call, level: Level, names: tuple[str, ...]):
     """Run the loss through _FusedInputs: gradients for pred and every input in `names`."""
     engine = _Engine(module, call, level, ("pred",) + names)
@@ -254,4 +240,4 @@ def _reference(module, call: Call, wrt: tuple[str, ...]) -> tuple[torch.Tensor, 
     return loss, tuple(result)
 
 
-__all__ = ["extra_inputs", "launch", "vjp", "KernelRun"]
+__all__ = ["extra_inputs", "launch", "vjp"]

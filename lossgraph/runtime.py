@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import buffers, plans
 from . import input_grads as IG
 from . import inputs as I
 from .build import Variant
@@ -74,27 +75,54 @@ class _Fused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, run, shape, row_level, scale=None):
-        loss, grad = run()
-        ctx.grad, ctx.run, ctx.row_level, ctx.scale = grad, run, row_level, scale
+    def forward(ctx, pred, run, call, shape, level, scale, module):
+        loss, grad = run(call)
+        ctx.grad, ctx.run, ctx.call, ctx.scale = grad, run, call, scale
+        ctx.module, ctx.level, ctx.dtype = module, level, pred.dtype
+        ctx.row_level = level is Level.ROW and shape is not None
         return loss.reshape(shape) if shape is not None else loss
 
     @staticmethod
     def backward(ctx, g):
         if torch.is_grad_enabled():   # create_graph=True: see input_grads.py's Note [Double backward]
-            return ctx.run.differentiable(g), None, None, None, None
+            d = IG.vjp(ctx.module, ctx.call, ctx.level, ("pred",), g, reference=True)[0]
+            return d, None, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None
         if grad is None:
-            grad = ctx.run()[1]
+            grad = ctx.run(ctx.call)[1]
         if g.dim() == 0:
             if g.device.type == "cpu" and g.item() == 1.0:
-                return grad, None, None, None, None
-            if ctx.scale is not None:  # the backend's device-side scaling (skips g == 1, no sync)
-                return ctx.scale(grad, g), None, None, None, None
-            return grad.mul_(g.to(grad.dtype)), None, None, None, None
-        if ctx.row_level:
+                return _rounded(grad, ctx.dtype), None, None, None, None, None, None
+            if ctx.scale is not None and grad.dtype == ctx.dtype:
+                # the backend's device-side scaling (skips g == 1, no sync)
+                return ctx.scale(grad, g), None, None, None, None, None, None
+        elif ctx.row_level:
             g = g.unsqueeze(-1)
-        return grad.mul_(g.to(grad.dtype)), None, None, None, None
+        return _scaled(grad, g, ctx.dtype), None, None, None, None, None, None
+
+
+def _rounded(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if grad.dtype == dtype:
+        return grad
+    out = buffers.empty(grad.shape, dtype) if grad.device.type == "cpu" else \
+        torch.empty_like(grad, dtype=dtype)
+    return out.copy_(grad)
+
+
+def _scaled(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad * g in pred's dtype.
+
+    Note [Loss scaling in float32]: for float16/bfloat16 pred the backend returns the gradient
+    in float32 (cpp, torchscript); it is multiplied by grad_output (a GradScaler's loss scale) in
+    float32 and rounded to pred's dtype once, after scaling. Rounding first, as a float16
+    gradient would, flushes the small gradients of a mean over many elements to zero before the
+    loss scale could lift them into float16's range.
+    """
+    if grad.dtype == dtype:
+        return grad.mul_(g.to(dtype))
+    out = buffers.empty(grad.shape, dtype) if grad.device.type == "cpu" else \
+        torch.empty_like(grad, dtype=dtype)
+    return torch.mul(grad, g.to(grad.dtype), out=out)
 
 
 class _RowCoupledNone(torch.autograd.Function):
@@ -128,6 +156,18 @@ class _RowCoupledNone(torch.autograd.Function):
         summed = dataclasses.replace(call, reduction="sum", weight_access="elem", denom=None,
                                      tensors={**call.tensors, "weight": g.reshape(-1)})
         return module.compiler.get(module.variant(summed, True)).run(summed)[1], None, None, None
+
+
+def _apply(module, call: I.Call, run, grad: bool, shape, level: Level, scale):
+    """Run a kernel on a bound call: through _Fused when a gradient is needed; shape the loss."""
+    if grad:
+        loss = _Fused.apply(call.pred, run, call, shape, level, scale, module)
+    else:
+        loss = run(call)[0]
+        loss = loss.reshape(shape) if shape is not None else loss
+    if call.out_shape and shape is None:
+        loss = loss.reshape(call.out_shape)
+    return loss if loss.dtype == call.out_dtype else loss.to(call.out_dtype)
 
 
 class CompiledLoss(nn.Module):
@@ -168,6 +208,8 @@ class CompiledLoss(nn.Module):
         self._last: CompiledVariant | None = None
         self._warned_grad = False
         hooks = spec.loss.hooks
+        self._plans = None if any(h in hooks for h in plans.UNPLANNED_HOOKS) else \
+            plans.Plans(self._positional, ROLES)
         if "init" in hooks:
             hooks["init"](spec)
         # Module state (e.g. GHM's momentum sums) lives in buffers: it follows .to(device) and
@@ -182,6 +224,8 @@ class CompiledLoss(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_last"] = None       # a compiled kernel; see Note [Copying a compiled loss]
+        if state.get("_plans") is not None:   # plans hold kernels too
+            state["_plans"] = plans.Plans(self._positional, ROLES)
         return state
 
     # -- inspection -------------------------------------------------------------------------------
@@ -218,12 +262,22 @@ class CompiledLoss(nn.Module):
 
     # -- calling ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        book = self._plans
+        key = book.key(args, kwargs) if book is not None else None
+        if key is not None:
+            plan = book.get(key)
+            if plan is not None:     # a repeat: see Note [Call plans]
+                call = plan.bind(self.spec, args, kwargs)
+                if not isinstance(call, I.Call):
+                    return call      # the loss's early exit
+                self._last = plan.cv
+                return _apply(self, call, plan.launch, plan.grad, plan.shape, plan.level, plan.scale)
         roles = self._roles(args, kwargs)
         if roles.get("reduction_override") is not None:  # MMDetection asserts it first
             check_reduction(self.spec.name, roles["reduction_override"], "reduction_override")
         if "forward" in self.spec.loss.hooks:
             return self.spec.loss.hooks["forward"](self, roles)
-        return self.run_pipeline(roles)
+        return self.run_pipeline(roles, (key, args, kwargs) if key is not None else None)
 
     def _roles(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Bind the call to MMDetection's forward signature; map argument names to roles."""
@@ -242,12 +296,13 @@ class CompiledLoss(nn.Module):
         roles.update(b.arguments.get("kwargs", {}))
         return roles
 
-    def run_pipeline(self, a: dict[str, Any]):
+    def run_pipeline(self, a: dict[str, Any], record: tuple | None = None):
         """The standard call: validate, bind target/weight/avg_factor, run the variant's kernel.
 
         `a` maps pipeline roles (pred, target, weight, avg_factor, reduction_override, and any
         per-call hyperparameter) to the call's values; a loss's 'forward' hook may call this with
-        prepared arguments (for losses made of several kernels).
+        prepared arguments (for losses made of several kernels). `record` is (signature key,
+        args, kwargs) when forward() may keep a plan of this call (Note [Call plans]).
         """
         loss_def, name = self.spec.loss, self.spec.name
         hooks = loss_def.hooks
@@ -277,14 +332,19 @@ class CompiledLoss(nn.Module):
             rule = loss_def.weight if isinstance(loss_def.weight, str) else \
                 loss_def.weight[call.target_form]
             I.bind_weight(call, rule, a["weight"], level, "weight_float" in loss_def.quirks)
+        before = dataclasses.replace(call, tensors={}) if record is not None else None
         avg = a.get("avg_factor")
         hook_avg = avg is None and call.reduction == "mean" and "avg_factor" in hooks
         if hook_avg:
             avg = hooks["avg_factor"](self.spec, call)
+            before = None
         I.promote(self.spec, call)
         I.bind_denominator(call, avg, level, promotes=not hook_avg)
         self._check_grad_inputs(call, a)
-        return self._launch(call, level)
+        out = self._launch(call, level)
+        if before is not None and not (torch.is_grad_enabled() and IG.extra_inputs(call)):
+            self._record((*record, before, a), call, level)
+        return out
 
     def variant(self, call: I.Call, grad: bool) -> Variant:
         """The specialization key of a normalized call."""
@@ -311,16 +371,26 @@ class CompiledLoss(nn.Module):
         cv = self.compiler.get(v)
         self._last = cv
         shape = call.loss_shape(level) if call.reduction == "none" else None
-        if v.grad:
-            run = IG.KernelRun(self, cv, call, level)
-            loss = _Fused.apply(call.pred, run, shape, level is Level.ROW and shape is not None,
-                                cv.scale_grad)
-        else:
-            loss = cv.run(call)[0]
-            loss = loss.reshape(shape) if shape is not None else loss
-        if call.out_shape and shape is None:
-            loss = loss.reshape(call.out_shape)
-        return loss.to(call.out_dtype)
+        return _apply(self, call, cv.run, grad, shape, level, cv.scale_grad)
+
+    def _record(self, record: tuple, call: I.Call, level: Level):
+        """Keep a plan of the call just launched for its repeats (Note [Call plans]), when one
+        replays it exactly."""
+        key, args, kwargs, before, a = record
+        grad = call.pred.requires_grad and torch.is_grad_enabled()
+        coupled = grad and call.reduction == "none" and \
+            self.compiler.row_coupled(call.target_form, call.params)
+        w = plans.replayable_weight(call, a.get("weight"))
+        cv = self._last
+        if coupled or cv is None or w is False or call.pred.numel() == 0 or \
+                ("label" if call.target_form == "labels" else "target") not in call.tensors:
+            return
+        launch = cv.backend.plan(cv.artifact, call, cv.meta) if cv.backend.plan else None
+        hooks = {k: f for k, f in self.spec.loss.hooks.items() if k in ("early_exit", "check")}
+        self._plans.add(key, plans.Plan(
+            self._plans.slots(args, kwargs), "label" if call.target_form == "labels" else "target",
+            w, before, level, cv, launch or cv.run, grad,
+            call.loss_shape(level) if call.reduction == "none" else None, cv.scale_grad, hooks))
 
     def _check_grad_inputs(self, call: I.Call, roles: dict[str, Any] | None = None) -> None:
         """Warn once about an argument that requires grad but gets no gradient: one that a loss's

@@ -20,6 +20,7 @@ class Backend:
     run: Callable[..., tuple]                     # (Artifact, Call, KernelMeta) -> (loss, grad)
     components: Callable[..., dict]               # Variant -> backend-specific cache-key parts
     scale_grad: Callable[..., Any] | None = None  # optional (Artifact, grad, 0-d g) -> grad *= g
+    plan: Callable[..., Any] | None = None        # optional (Artifact, Call, KernelMeta) -> launcher
 
 
 def get(name: str) -> Backend:
@@ -28,7 +29,7 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
     m = importlib.import_module(f"{__name__}.{name}")
     return Backend(name, m.SUFFIX, m.available, m.render, m.load, m.run, m.components,
-                   getattr(m, "scale_grad", None))
+                   getattr(m, "scale_grad", None), getattr(m, "plan", None))
 
 
 def auto(device: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import codegen
+from .. import buffers, codegen
 from ..errors import BackendError
 from ..inputs import compute_dtype
 from ..ops import Level
@@ -196,36 +196,9 @@ def load(meta, source: str, folder: Path) -> Artifact:
     return Artifact(fn=fn, source=source, info=info)
 
 
-@functools.lru_cache(maxsize=None)
-def _madvise():
-    """libc's madvise, or None where there is none (not Linux/glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc.madvise
-    except (OSError, AttributeError):
-        return None
-
-
-HUGE_MIN = 4 << 20   # bytes; smaller outputs gain nothing from 2 MiB pages
-MADV_HUGEPAGE = 14
-
-
 def empty_output(shape, dtype) -> torch.Tensor:
-    """torch.empty, advised to use transparent huge pages when large.
-
-    Note [Huge pages for outputs]: a fresh 32-65 MB gradient is written once by the kernel, and
-    on Linux every 4 KiB page of it faults on first touch: that costed more than the kernel
-    itself (65 MB: 15 ms of faults for 3.6 ms with 2 MiB pages, measured here). The advice only
-    changes how pages are backed, never the values.
-    """
-    t = torch.empty(shape, dtype=dtype)
-    size = t.numel() * t.element_size()
-    madvise = _madvise() if size >= HUGE_MIN else None
-    if madvise is not None:
-        start = (t.data_ptr() + 4095) & ~4095
-        madvise(start, (t.data_ptr() + size - start) & ~4095, MADV_HUGEPAGE)
-    return t
+    """An output tensor; large ones come from already-mapped memory (Note [Output buffer pool])."""
+    return buffers.empty(shape, dtype)
 
 
 HELPERS = """/* lossgraph runtime helpers */
@@ -240,6 +213,18 @@ int lg_any_positive_f64(const double* w, long long n) {
   #pragma omp simd reduction(|:any)
   for (long long i = 0; i < n; i++) any |= (w[i] > 0.0);
   return any;
+}
+int lg_in_range_i64(const long long* x, long long n, long long lo, long long hi) {
+  int bad = 0;
+  #pragma omp simd reduction(|:bad)
+  for (long long i = 0; i < n; i++) bad |= (x[i] < lo) | (x[i] > hi);
+  return !bad;
+}
+int lg_in_range_i32(const int* x, long long n, long long lo, long long hi) {
+  int bad = 0;
+  #pragma omp simd reduction(|:bad)
+  for (long long i = 0; i < n; i++) bad |= (x[i] < lo) | (x[i] > hi);
+  return !bad;
 }
 """
 
@@ -256,6 +241,8 @@ def _helpers():
         return None
     for name in ("lg_any_positive_f32", "lg_any_positive_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+    for name in ("lg_in_range_i64", "lg_in_range_i32"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] + [ctypes.c_longlong] * 3
     return lib
 
 
@@ -274,22 +261,51 @@ def any_positive(t: torch.Tensor) -> bool | None:
     return bool(fn(t.data_ptr(), t.numel()))
 
 
+def in_range(t: torch.Tensor, lo: int, hi: int) -> bool | None:
+    """Whether every value of a contiguous int64/int32 CPU tensor is in [lo, hi], in one pass
+    without temporaries (the per-call label check); None where the helper does not apply."""
+    if t.dtype not in (torch.int64, torch.int32) or t.device.type != "cpu" or \
+            not t.is_contiguous():
+        return None
+    lib = _helpers()
+    if lib is None:
+        return None
+    fn = lib.lg_in_range_i64 if t.dtype == torch.int64 else lib.lg_in_range_i32
+    return bool(fn(t.data_ptr(), t.numel(), lo, hi))
+
+
 def _tensor_params(meta) -> list[str]:
     return [p for p in meta.params if p != "denom"]  # denom is passed by value
 
 
 def _contig(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     t = t.detach()
-    if t.dtype != dtype:
-        t = t.to(dtype)
+    if t.dtype != dtype:   # a large float16 pred's float32 copy comes from the pool too
+        return empty_output(t.shape, dtype).copy_(t) if t.dim() else t.to(dtype)
     return t.contiguous()
+
+
+def _outputs(meta, R: int, K: int, compute: torch.dtype, reduction: str, shape):
+    """(loss, grad or None) output tensors of one launch; the gradient is contiguous, in pred's
+    shape (R x K values in row-major order)."""
+    if reduction == "none":
+        loss = empty_output((R, K) if meta.loss_level is Level.ELEM else (R,), compute)
+    else:
+        loss = torch.empty((), dtype=compute)
+    return loss, (empty_output(shape, compute) if meta.variant.grad else None)
+
+
+def _denom(call) -> float:
+    return call.denom.item() if isinstance(call.denom, torch.Tensor) else (call.denom or 0.0)
 
 
 def run(artifact: Artifact, call, meta):
     """Run the kernel on contiguous CPU tensors; returns (loss, grad or None).
 
     Note [Half precision on the CPU]: float16/bfloat16 inputs are converted to float32 here and
-    the gradient is converted back, so the kernel itself is float32 or float64 only.
+    the gradient is returned in float32, shaped like pred: the runtime rounds it to pred's dtype
+    after scaling it by grad_output (Note [Loss scaling in float32] in runtime.py), so the kernel
+    itself is float32 or float64 only.
     """
     compute = compute_dtype(call.pred.dtype)
     pred = _contig(call.pred, compute)
@@ -305,18 +321,45 @@ def run(artifact: Artifact, call, meta):
             t = _contig(t, t.dtype if name == "label" else compute)
         keep.append(t)
         ptrs.append(t.data_ptr())
-    v = meta.variant
-    if call.reduction == "none":
-        loss = empty_output((R, K) if meta.loss_level is Level.ELEM else (R,), compute)
-    else:
-        loss = torch.empty((), dtype=compute)
-    grad = empty_output((R, K), compute) if v.grad else None
-    denom = call.denom.item() if isinstance(call.denom, torch.Tensor) else (call.denom or 0.0)
+    loss, grad = _outputs(meta, R, K, compute, call.reduction, call.pred.shape)
     threads = torch.get_num_threads() if R * K >= MIN_PARALLEL else 1
-    artifact.fn(*ptrs, denom, R, K, loss.data_ptr(), grad.data_ptr() if grad is not None else None,
-                threads)
-    if grad is not None:
-        grad = grad.reshape(call.pred.shape)
-        if grad.dtype != call.pred.dtype:
-            grad = grad.to(call.pred.dtype)
+    artifact.fn(*ptrs, _denom(call), R, K, loss.data_ptr(),
+                grad.data_ptr() if grad is not None else None, threads)
     return loss, grad
+
+
+def plan(artifact: Artifact, call, meta):
+    """A launcher for repeats of `call` (same shapes, dtypes, strides), or None.
+
+    Note [Launch plan]: when every input is already contiguous in the kernel's dtype (the usual
+    case), a repeat needs none of run()'s conversions: the launcher reads the pointers of the new
+    call's tensors and launches. The runtime only uses it for calls with the same signature, whose
+    tensors therefore have the same layouts as `call`'s.
+    """
+    compute = compute_dtype(call.pred.dtype)
+    if call.pred.dtype != compute or not call.pred.is_contiguous():
+        return None
+    sources: list = []
+    for name in _tensor_params(meta):
+        if name == "pred":
+            sources.append(None)
+        elif name in meta.tables:
+            sources.append(table_tensor(meta, name, compute, "cpu"))
+        else:
+            t = call.tensors[name]
+            if t.dtype != (t.dtype if name == "label" else compute) or not t.is_contiguous():
+                return None
+            sources.append(name)
+    names = tuple(sources)
+    R, K, fn, shape = call.rows, call.width, artifact.fn, call.pred.shape
+    parallel = R * K >= MIN_PARALLEL
+
+    def launch(c):
+        tensors = c.tensors
+        ptrs = [c.pred.data_ptr() if s is None else
+                (tensors[s] if isinstance(s, str) else s).data_ptr() for s in names]
+        loss, grad = _outputs(meta, R, K, compute, c.reduction, shape)
+        fn(*ptrs, _denom(c), R, K, loss.data_ptr(), grad.data_ptr() if grad is not None else None,
+           torch.get_num_threads() if parallel else 1)
+        return loss, grad
+    return launch

@@ -119,7 +119,8 @@ def test_not_planned_other_grads_forward_hooks_and_tensor_subclasses():
         warnings.simplefilter("always")
         loss(x, y, w.requires_grad_(True))
         loss(x, y, w)
-    assert len(loss._plans) == 0 and len(caught) == 1
+    # the weight gets its own gradient (input_grads.py), so nothing warns; such calls never plan
+    assert len(loss._plans) == 0 and len(caught) == 0
     assert lg.compile(dict(type="GHMC"))._plans is None      # a 'forward' hook: never planned
     sub = torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), x.detach())
     assert loss._plans.key((sub, y, w), {}) is None

@@ -11,7 +11,7 @@ with their addresses and branch targets. The hot loop is the backward branch who
 the most global loads (ties: the longest). Within it, "path" is the shortest instruction path
 from the loop head to its back edge (each executed instruction counts 1, a CALL to an
 out-of-line slow path counts 1, NOPs count 0) among those that execute the most of the loop's
-widest loads (see hot_path): the path a tile whose vectors all take the fast
+widest loads and enter no inner loop (see hot_path): the path a tile whose vectors all take the fast
 branch executes (for FocalLoss with labels: no vector holds the row's label). "static" is every
 instruction in the loop's range, the fast and the slow branches together. Both are divided by
 the elements one loop iteration computes (launch unroll x vector width).
@@ -116,9 +116,14 @@ def hot_path(code: list[Ins], first: int, last: int) -> int:
     at = {c.addr: i for i, c in enumerate(code)}
     loads = [c for c in code[first:last + 1] if c.op.startswith("LDG")]
     widest = max((_width(c) for c in loads), default=0)
+    inner = set()   # inner loops (a slow path's per-element loop) are off the fast path
+    for i in range(first, last):
+        t = _target(code[i])
+        if t is not None and t <= code[i].addr and at.get(t, -1) > first:
+            inner.update(range(at[t], i + 1))
     best: dict[int, tuple[int, int]] = {first: (0, 0)}
     for i in range(first, last + 1):
-        if i not in best:
+        if i not in best or i in inner:
             continue
         c = code[i]
         wide, n = best[i]

@@ -42,7 +42,7 @@ from .. import cache, codegen
 from ..errors import BackendError, InputError
 from ..inputs import compute_dtype
 from ..ops import Level
-from . import nvrtc
+from . import cudavec, nvrtc
 from .base import Artifact, KernelSource
 from .clower import literal, lower, scalar_loads
 
@@ -54,7 +54,7 @@ LABEL_CTYPE = {"int64": "long long", "int32": "int", "int16": "short", "int8": "
                "uint8": "unsigned char"}
 LAUNCH_LINE = re.compile(r"^// lossgraph-launch: (.*)$", re.M)
 # C types of the kernel parameters after the tensors, and of the _finish and scale kernels
-MAIN_TAIL = ("ptr", "int", "f64", "i64", "i64", "uint", "uint", "i64", "ptr", "ptr", "ptr")
+MAIN_TAIL = ("ptr", "int", "f64", "i64", "i64", "uint", "uint", "i64", "int", "ptr", "ptr", "ptr")
 FINISH_ARGS = ("ptr", "int", "ptr", "int", "f64", "ptr")
 SCALE_ARGS = ("ptr", "i64", "ptr", "int")
 
@@ -100,15 +100,38 @@ def render(src: KernelSource) -> str:
     accumulate = k.loss_mode.startswith("acc")
     params = [("S" if n == "pred" else t, n) for t, n, _ in k.params if n not in k.tables]
     tables = [(n, [literal(x) for x in k.tables[n]]) for _, n, _ in k.params if n in k.tables]
-    launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": UNROLL,
-              "params": params, "tables": {n: len(vals) for n, vals in tables}}
+    box = schedule == "elem" and any(ld.comp is not None for ld in src.body.inputs())
+    vec = cudavec.vec_width(STORAGE[v.dtype], box)
+    unroll = cudavec.unroll_for(vec) if schedule == "elem" else UNROLL
+    launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": unroll,
+              "vec": vec, "box": box, "params": params,
+              "tables": {n: len(vals) for n, vals in tables}}
     args = "".join(f"const {t}* __restrict__ p_{n}, " for t, n in params)
-    return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=_hot(k),
-                          block=BLOCK, unroll=UNROLL, schedule=schedule, accumulate=accumulate,
+    hot = _hot(k)
+    ctypes = {"pred": STORAGE[v.dtype], "T": "double" if v.dtype == "float64" else "float"}
+    ctypes.update({n: ctypes["T"] for t, n in params if t == "T"})
+    tiles = {}
+    if schedule == "elem":
+        hot_ns = None if hot is None else _Hot(**hot)
+        tiles = {f"tile{'' if c > 1 else '1'}": cudavec.tile(k, hot_ns, params, ctypes, vec, c,
+                                                            box, v.grad)
+                 for c in (unroll, 1)}
+        if unroll == 1:
+            tiles["tile"] = tiles["tile1"]
+    return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=hot,
+                          vec=vec, **({"tile": [], "tile1": []} | tiles),
+                          block=BLOCK, unroll=unroll, schedule=schedule, accumulate=accumulate,
                           double=v.dtype == "float64", label_type=LABEL_CTYPE[v.label_dtype],
                           storage=STORAGE[v.dtype], tables=tables, tensor_args=args,
                           scalar_loads=scalar_loads(k.params),
                           launch=json.dumps(launch, sort_keys=True))
+
+
+class _Hot:
+    """The _hot dict with attribute access (cudavec reads index, common, body0, loss0, grad0)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
 
 
 def _hot(k) -> dict | None:
@@ -269,6 +292,13 @@ def _divider(width: int) -> tuple[int, int, int]:
     return magic, shift, 1 << 31
 
 
+def _vec_ok(kern: CudaKernel, width: int, tensors) -> int:
+    """1 when the vector tiles may run: every tensor 16-byte aligned, a box kernel's rows boxes."""
+    if kern.launch.get("box") and width != kern.launch["vec"]:
+        return 0
+    return int(all(t is None or t.data_ptr() % 16 == 0 for t in tensors))
+
+
 def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
           denom: Optional[torch.Tensor], denom_value: float, grad: bool,
           fast_limit: int | None = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -281,7 +311,7 @@ def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
     loss = torch.empty(kern.loss_shape(rows, width), dtype=compute_dtype(pred.dtype), device=dev)
     g = torch.empty((rows, width), dtype=pred.dtype, device=dev) if grad else None
     if kern.launch["schedule"] == "elem":
-        work = math.ceil(n / (block * kern.launch["unroll"]))
+        work = math.ceil(n / (block * kern.launch["unroll"] * kern.launch["vec"]))
     else:
         work = math.ceil(rows / (block // 32))
     blocks = max(1, min(work, mod.max_blocks(kern.name, block)))
@@ -292,9 +322,10 @@ def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
     dptr = denom.data_ptr() if denom is not None else 0
     dkind = 0 if denom is None else (1 if denom.dtype == torch.float32 else 2)
     pptr = partials.data_ptr() if partials is not None else 0
+    vec_ok = _vec_ok(kern, width, (pred, *inputs, loss, g))
     values = [pred.data_ptr(), *(t.data_ptr() for t in inputs), dptr, dkind, denom_value, rows,
-              width, magic, shift, limit, loss.data_ptr(), g.data_ptr() if g is not None else 0,
-              pptr]
+              width, magic, shift, limit, vec_ok, loss.data_ptr(),
+              g.data_ptr() if g is not None else 0, pptr]
     mod.launch(kern.name, blocks, block, values, ("ptr",) * (1 + len(inputs)) + MAIN_TAIL)
     if accumulate:
         mod.launch(f"{kern.name}_finish", 1, block,

@@ -12,8 +12,12 @@ import re
 
 from ..errors import BackendError
 
-# IEEE exp/log/div (no fast math: NaN and inf keep their meaning); 177 = unused static function
-OPTIONS = ("-std=c++17", "--fmad=true", "--diag-suppress=177")
+# Note [Fast division on CUDA]: --prec-div=false makes float x / y div.full.f32 (and 1 / y
+# rcp.approx): at most 2 ulp over the full range instead of IEEE's 0.5, with no slow-path branch
+# (about 9 fewer instructions per division); inf, NaN and 0 keep their IEEE results. Double
+# division stays IEEE. sqrt, log and the rest stay precise (no --use_fast_math, no ftz).
+# 177 = unused static function.
+OPTIONS = ("-std=c++17", "--fmad=true", "--prec-div=false", "--diag-suppress=177")
 ARCH = re.compile(r"^(sm|compute)_(\d+)([af]?)$")
 INSTALL = "pip install 'lossgraph[cuda]' (the cuda-bindings and nvidia-cuda-nvrtc packages)"
 

@@ -174,6 +174,60 @@ def test_one_dimensional_pred_is_one_long_row():
     check(dict(type="CrossEntropyLoss", use_sigmoid=True), x, (rand(5000) > 0.5).float())
 
 
+# -- vector tiles (Note [Vector tiles]): one block, so the 4-vector tile loop, the single-vector
+#    loop, the label's scalar path and the scalar tail all run --------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_vector_tiles_focal_labels(dtype):
+    n, c = 130, 80
+    x = logits(n, c, dtype=dtype)
+    x[0, :8] = float("inf")
+    x[1, :8] = float("nan")
+    kern, _, _ = check(dict(type="FocalLoss"), x, labels(n, c), weight=rand(n), max_blocks=1)
+    assert kern.launch["vec"] == (2 if dtype == torch.float64 else 16 // x.element_size())
+    assert kern.launch["unroll"] == 4
+
+
+def test_vector_tiles_none_and_dense_target_store_vectors():
+    n, c = 90, 40
+    check(dict(type="FocalLoss", reduction="none"), logits(n, c, dtype=torch.bfloat16),
+          labels(n, c), max_blocks=1)
+    check(dict(type="FocalLoss", reduction="none"), logits(n, c),
+          (rand(n, c) > 0.8).float(), weight=rand(n * c), max_blocks=1)
+
+
+def test_unaligned_inputs_take_the_scalar_path():
+    """A pred view that is not 16-byte aligned runs the plain element code (vec_ok = 0)."""
+    n, c = 64, 80
+    base = torch.randn(n * c + 1, generator=gen) * 4
+    x = base[1:].reshape(n, c)             # 4 bytes past an aligned start
+    assert x.data_ptr() % 16 != 0
+    (loss, grad), (wl, wg), kern, call, v = emulated(dict(type="FocalLoss"), x, labels(n, c),
+                                                     max_blocks=1)
+    pred, inputs = cuda.prepare(call, kern)
+    assert cuda._vec_ok(kern, c, (pred, *inputs)) == 1   # prepare's contiguous copy is aligned
+    l2, g2 = run_kernel_unaligned(kern, x, inputs, call, v)
+    assert_close(l2, wl, torch.float32, "loss")
+    assert_close(g2, wg, torch.float32, "grad")
+
+
+def run_kernel_unaligned(kern, x, inputs, call, v):
+    loss, grad = cuda.fused(kern, x, inputs, None, float(call.denom or 0), v.grad)
+    return loss, grad.reshape(call.pred.shape)
+
+
+@pytest.mark.parametrize("cfg", [dict(type="GIoULoss"), dict(type="IoULoss", mode="linear"),
+                                 dict(type="CIoULoss")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_box_losses_one_thread_per_box(cfg, dtype):
+    n = 1100
+    xy = rand(n, 2) * 50
+    box = torch.cat([xy, xy + 1 + rand(n, 2) * 30], 1)
+    tgt = box + torch.randn(n, 4, generator=gen) * 3
+    kern, _, _ = check(cfg, box.to(dtype), tgt, weight=rand(n), max_blocks=1)
+    assert kern.launch["box"] and kern.launch["vec"] == 4
+
+
 # -- the skeleton's own guarantees --------------------------------------------------------------
 
 def test_bitwise_reproducible():

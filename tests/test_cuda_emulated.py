@@ -20,6 +20,7 @@ import lossgraph as lg
 from lossgraph import codegen
 from lossgraph.backends import cuda
 from lossgraph.build import Variant
+from lossgraph.losses import pipeline
 
 from conftest import _backend_available
 from cuda_emulator import Emulator, _build, compiler
@@ -353,9 +354,9 @@ def test_custom_op_under_torch_compile(monkeypatch):
 
 # -- the whole runtime path, with the emulator standing in for the device -------------------------
 
-def test_compiled_loss_end_to_end(monkeypatch):
-    """lg.compile(cfg, backend='cuda') on CPU tensors, the GPU replaced by the emulator: load
-    (NVRTC for sm_80 included), run, and backward through the runtime's scale_grad hook."""
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """backend='cuda' runs CPU tensors: NVRTC still compiles (sm_80), the emulator launches."""
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device="cuda": None)
     monkeypatch.setattr(cuda, "device_target", lambda index=None: "sm_80")
     emulators = {}
@@ -365,6 +366,13 @@ def test_compiled_loss_end_to_end(monkeypatch):
             emulators[self.name] = Emulator(self.source)
         return emulators[self.name]
     monkeypatch.setattr(cuda.CudaKernel, "launcher", launcher)
+    return emulators
+
+
+def test_compiled_loss_end_to_end(emulated_gpu):
+    """lg.compile(cfg, backend='cuda') on CPU tensors, the GPU replaced by the emulator: load
+    (NVRTC for sm_80 included), run, and backward through the runtime's scale_grad hook."""
+    emulators = emulated_gpu
     cfg = dict(type="FocalLoss", loss_weight=0.5)
     x, y, w = logits(), labels(), rand(N)
     avg = torch.tensor(40.0)
@@ -385,3 +393,51 @@ def test_compiled_loss_end_to_end(monkeypatch):
     assert_close(p1, p2, torch.float32, "grad * 2.5")
     assert_close(q1, q2, torch.float32, "grad")
     assert any(name.startswith("lg_scale") for name in emulators), "scale_grad was not used"
+
+
+# -- no host sync: the v3 zero-weight exits are selected on the device --------------------------
+
+def _no_sync(monkeypatch):
+    """Every way a tensor reaches the host (item, bool, float, int, tolist) raises, and so does
+    the host-side any(weight > 0) (on CPU tensors it is native code, not Tensor.__bool__)."""
+    def refuse(*a, **kw):
+        raise AssertionError("host sync: a tensor was read on the host during the call")
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(pipeline, "_any_positive", refuse)
+
+
+@pytest.mark.parametrize("cfg,weight", [
+    (dict(type="L1Loss"), "elem"), (dict(type="SmoothL1Loss", beta=0.5), "elem"),
+    (dict(type="IoULoss"), "row"), (dict(type="GIoULoss", reduction="sum"), "row")])
+def test_zero_weight_exits_make_no_host_sync(emulated_gpu, monkeypatch, cfg, weight):
+    """Weighted L1/SmoothL1/IoU/GIoU on the CUDA path: no tensor is read on the host, and the
+    result (and gradient) is the normal loss, or MMDetection's (pred * weight).sum() when no
+    weight is positive, exactly as the cpp backend's host-side exit gives."""
+    n = 300
+    xy = rand(n, 2) * 20
+    pred = torch.cat([xy, xy + 1 + rand(n, 2) * 10], 1)
+    tgt = pred + torch.randn(n, 4, generator=gen)
+    shape = (n, 4) if weight == "elem" else (n,)
+    for w in (rand(*shape), torch.zeros(shape), -rand(*shape)):
+        got, want = [], []
+        for backend, out in (("cuda", got), ("cpp", want)):
+            loss = lg.compile(cfg, backend=backend)
+            p = pred.clone().requires_grad_(True)
+            with monkeypatch.context() as m:
+                if backend == "cuda":
+                    _no_sync(m)
+                value = loss(p, tgt, weight=w)
+            value.backward()
+            out += [value.detach(), p.grad]
+        assert got[0].shape == want[0].shape == ()
+        assert_close(got[0], want[0], torch.float32, "loss")
+        assert_close(got[1], want[1], torch.float32, "grad")
+
+
+def test_zero_weight_exit_none_reduction_keeps_the_host_check(emulated_gpu):
+    """'none' with an all-zero weight returns a scalar (the early exit changes the shape)."""
+    loss = lg.compile(dict(type="L1Loss", reduction="none"), backend="cuda")
+    x = torch.randn(50, 4, generator=gen)
+    assert loss(x, x + 1, weight=torch.zeros(50, 4)).shape == ()
+    assert loss(x, x + 1, weight=torch.ones(50, 4)).shape == (50, 4)

@@ -286,7 +286,7 @@ def test_driver_glue_pushes_the_device_context_and_uses_torchs_stream(monkeypatc
     cudadrv.primary_context.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: SimpleNamespace(multi_processor_count=132))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda d: SimpleNamespace(cuda_stream=777))
+    monkeypatch.setattr(cudadrv, "_raw_stream", lambda index: 777)
     try:
         mod = cudadrv.Module(b"cubin", 1)
         assert mod.max_blocks("k", 256) == 6 * 132
@@ -297,11 +297,17 @@ def test_driver_glue_pushes_the_device_context_and_uses_torchs_stream(monkeypatc
         args = dict(fake.calls)["cuLaunchKernel"]
         assert args[:9] == ("fn:k", 5, 1, 1, 256, 1, 1, 0, 777)
         import ctypes
-        assert args[9] == ((123, 7, 2.5), (ctypes.c_void_p, ctypes.c_int, ctypes.c_double))
+        slots = ctypes.cast(args[9], ctypes.POINTER(ctypes.c_void_p))   # the packed void**
+        assert ctypes.c_void_p.from_address(slots[0]).value == 123
+        assert ctypes.c_int.from_address(slots[1]).value == 7
+        assert ctypes.c_double.from_address(slots[2]).value == 2.5
         assert names[-1] == "cuCtxPopCurrent" and names[-3] == "cuCtxPushCurrent"
         fake.current, fake.calls = 101, []      # device 1 current: no push, no pop
         mod.launch("k", 1, 256, [0], ("ptr",))
-        assert [n for n, _ in fake.calls] == ["CUstream", "cuCtxGetCurrent", "cuLaunchKernel"]
+        assert [n for n, _ in fake.calls] == ["cuCtxGetCurrent", "cuLaunchKernel"]
+        fake.calls = []
+        mod.launch("k", 1, 256, [0], ("ptr",))   # the bound launch is reused
+        assert [n for n, _ in fake.calls] == ["cuCtxGetCurrent", "cuLaunchKernel"]
         fake.fail = "cuLaunchKernel"
         with pytest.raises(BackendError, match="launching k failed: CUDA_ERROR_INVALID_VALUE"):
             mod.launch("k", 1, 256, [0], ("ptr",))

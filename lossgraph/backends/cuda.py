@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import get_ident
@@ -174,6 +175,7 @@ def device_target(index: int | None = None) -> str:
 # -- the loaded kernel -----------------------------------------------------------------------------
 
 KERNELS: list["CudaKernel"] = []   # loaded kernels by index: the custom op's `kernel` argument
+_WARNED: dict[str, bool] = {}
 
 
 @dataclass
@@ -209,13 +211,16 @@ class CudaKernel:
             image = None
         if not image:
             try:
-                image, log = nvrtc.compile(self.source, target, f"{self.name}.cu")
+                image, ptx, log = nvrtc.compile_with_ptx(self.source, target, f"{self.name}.cu")
             except BackendError as e:
                 self._write(f"compile.{target}.log", e.log or str(e))
                 raise
             self.logs[target] = log
             self._write(path.name, image)
             self._write(f"compile.{target}.log", log)
+            if kind == "cubin":   # its PTX, for a driver that cannot load the cubin
+                self.images[target.replace("sm_", "compute_")] = ptx
+                self._write(f"{self.name}.{target.replace('sm_', 'compute_')}.ptx", ptx)
         self.images[target] = image
         return image
 
@@ -228,9 +233,29 @@ class CudaKernel:
         index = device.index if device.index is not None else torch.cuda.current_device()
         mod = self.modules.get(index)
         if mod is None:
-            from .cudadrv import Module
-            mod = self.modules[index] = Module(self.image(device_target(index)), index)
+            mod = self.modules[index] = self._load_module(index)
         return mod
+
+    def _load_module(self, index: int):
+        """Note [PTX fallback]: the cubin for the device's arch, or, when the driver refuses
+        it (e.g. an image newer than the driver), the PTX of the same compile (or of the newest
+        arch below the device's), JIT-compiled by the driver, with one warning. When that fails
+        too the BackendError reaches the compiler, which falls back to torchscript."""
+        from .cudadrv import Module
+        target = device_target(index)
+        try:
+            return Module(self.image(target), index)
+        except BackendError as e:
+            ptx = target if target.startswith("compute") else \
+                nvrtc.ptx_target(torch.cuda.get_device_capability(index))
+            if ptx == target:
+                raise
+            if not _WARNED.get("ptx"):
+                _WARNED["ptx"] = True
+                warnings.warn(f"lossgraph: loading the {target} cubin of {self.name} failed "
+                              f"({e}); using its {ptx} PTX, JIT-compiled by the driver",
+                              stacklevel=2)
+            return Module(self.image(ptx), index)
 
     @property
     def tensor_params(self) -> list[tuple[str, str]]:
@@ -249,7 +274,8 @@ def load(meta, source: str, folder: Path) -> Artifact:
         raise BackendError(why)
     kern = CudaKernel(meta.fn_name, source, Path(folder), launch_info(source),
                       meta.variant.reduction, meta.loss_level)
-    kern.image(device_target())   # errors surface now, where the compiler can fall back
+    kern.launcher(torch.device("cuda"))   # errors (compile; module load after the PTX fallback)
+    # surface now, where the compiler can fall back to torchscript
     register(kern)
     info = {"kernel": kern, "dump": {f"compile.{t}.log": log for t, log in kern.logs.items()}}
     return Artifact(fn=functools.partial(fused, kern), source=source, info=info)

@@ -166,6 +166,9 @@ def report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path | N
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{meta.fn_name}.cu").write_text(src)
         (dump / f"{meta.fn_name}.{arch}.sass").write_text(sass)
+    if launch["schedule"] == "rows":   # one warp per row: no per-element loop to count
+        return (f"| {title} | rows | n/a | {res.get('REG', '?')} | {res.get('LOCAL', '?')} | "
+                f"n/a | n/a | 0 | 0 |")
     code = parse_sass(sass)
     loop = hot_loop(code)
     per_iter = launch.get("unroll", 1) * launch.get("vec", 1)

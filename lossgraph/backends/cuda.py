@@ -257,10 +257,6 @@ class CudaKernel:
                               stacklevel=2)
             return Module(self.image(ptx), index)
 
-    @property
-    def tensor_params(self) -> list[tuple[str, str]]:
-        return [tuple(p) for p in self.launch["params"]]
-
     def loss_shape(self, rows: int, width: int) -> tuple:
         if self.reduction != "none":
             return ()

@@ -218,7 +218,8 @@ def run_kernel_unaligned(kern, x, inputs, call, v):
     return loss, grad.reshape(call.pred.shape)
 
 
-@pytest.mark.parametrize("cfg", [dict(type="GIoULoss"), dict(type="IoULoss", mode="linear"),
+@pytest.mark.parametrize("cfg", [dict(type="GIoULoss"), dict(type="DIoULoss", reduction="none"),
+                                 dict(type="IoULoss", mode="linear"),
                                  dict(type="CIoULoss")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_box_losses_one_thread_per_box(cfg, dtype):

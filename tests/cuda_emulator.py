@@ -90,6 +90,16 @@ class Emulator:
     def max_blocks(self, name: str, block: int) -> int:
         return self.blocks
 
+    def bind(self, specs):
+        """cudadrv.Module.bind: launch each (name, grid, block, kinds) in order, their values
+        concatenated in one sequence."""
+        def fire(values):
+            at = 0
+            for name, grid, block, kinds in specs:
+                self.launch(name, grid, block, values[at:at + len(kinds)], kinds)
+                at += len(kinds)
+        return fire
+
     def launch(self, name: str, grid: int, block: int, values, kinds) -> None:
         assert len(kinds) == len(values), (name, kinds, values)
         values = [C_TYPES[t](v) for t, v in zip(kinds, values)]

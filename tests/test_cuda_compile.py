@@ -159,10 +159,12 @@ def test_images_are_cached_per_arch_in_the_entry_folder(tmp_path, monkeypatch):
     image = k.image("sm_80")
     assert (tmp_path / f"{meta.fn_name}.sm_80.cubin").read_bytes() == image
     assert (tmp_path / "compile.sm_80.log").exists()
+    assert (tmp_path / f"{meta.fn_name}.compute_80.ptx").read_bytes().startswith(b"//")
 
     def refuse(*a, **kw):
         raise AssertionError("compiled again instead of reading the cached cubin")
     monkeypatch.setattr(nvrtc, "compile", refuse)
+    monkeypatch.setattr(nvrtc, "compile_with_ptx", refuse)
     again = cuda.CudaKernel(meta.fn_name, src, tmp_path, cuda.launch_info(src), "mean",
                             meta.loss_level)
     assert again.image("sm_80") == image
@@ -193,6 +195,10 @@ def test_targets_for_devices():
     newest = max(nvrtc.supported_archs())
     assert nvrtc.target_for((9, 0)) == "sm_90"
     assert nvrtc.target_for((newest // 10 + 5, 0)) == f"compute_{newest}"   # a GPU newer than NVRTC
+    between = next(cc for cc in range(min(nvrtc.supported_archs()), newest)
+                   if cc not in nvrtc.supported_archs())      # an arch NVRTC does not list
+    below = max(a for a in nvrtc.supported_archs() if a < between)
+    assert nvrtc.target_for(divmod(between, 10)) == f"compute_{below}"
     with pytest.raises(BackendError, match="older than NVRTC"):
         nvrtc.target_for((3, 5))
 
@@ -286,7 +292,7 @@ def test_driver_glue_pushes_the_device_context_and_uses_torchs_stream(monkeypatc
     cudadrv.primary_context.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: SimpleNamespace(multi_processor_count=132))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda d: SimpleNamespace(cuda_stream=777))
+    monkeypatch.setattr(cudadrv, "_raw_stream", lambda index: 777)
     try:
         mod = cudadrv.Module(b"cubin", 1)
         assert mod.max_blocks("k", 256) == 6 * 132
@@ -297,13 +303,60 @@ def test_driver_glue_pushes_the_device_context_and_uses_torchs_stream(monkeypatc
         args = dict(fake.calls)["cuLaunchKernel"]
         assert args[:9] == ("fn:k", 5, 1, 1, 256, 1, 1, 0, 777)
         import ctypes
-        assert args[9] == ((123, 7, 2.5), (ctypes.c_void_p, ctypes.c_int, ctypes.c_double))
+        slots = ctypes.cast(args[9], ctypes.POINTER(ctypes.c_void_p))   # the packed void**
+        assert ctypes.c_void_p.from_address(slots[0]).value == 123
+        assert ctypes.c_int.from_address(slots[1]).value == 7
+        assert ctypes.c_double.from_address(slots[2]).value == 2.5
         assert names[-1] == "cuCtxPopCurrent" and names[-3] == "cuCtxPushCurrent"
         fake.current, fake.calls = 101, []      # device 1 current: no push, no pop
         mod.launch("k", 1, 256, [0], ("ptr",))
-        assert [n for n, _ in fake.calls] == ["CUstream", "cuCtxGetCurrent", "cuLaunchKernel"]
+        assert [n for n, _ in fake.calls] == ["cuCtxGetCurrent", "cuLaunchKernel"]
+        fake.calls = []
+        mod.launch("k", 1, 256, [0], ("ptr",))   # the bound launch is reused
+        assert [n for n, _ in fake.calls] == ["cuCtxGetCurrent", "cuLaunchKernel"]
         fake.fail = "cuLaunchKernel"
         with pytest.raises(BackendError, match="launching k failed: CUDA_ERROR_INVALID_VALUE"):
             mod.launch("k", 1, 256, [0], ("ptr",))
+    finally:
+        cudadrv.primary_context.cache_clear()
+
+
+@needs_nvrtc
+def test_cubin_load_failure_falls_back_to_the_ptx_of_the_same_compile(tmp_path, monkeypatch):
+    """A driver that refuses the cubin (say, older than NVRTC) gets the PTX shipped with it,
+    with one warning; when the PTX fails too the BackendError reaches the compiler."""
+    from types import SimpleNamespace
+
+    from lossgraph.backends import cudadrv
+    fake = FakeDriver(current=100)
+    loaded = []
+
+    def load(image):
+        loaded.append(image[:4])
+        if image.startswith(b"\x7fELF") or fake.fail == "ptx":
+            from cuda.bindings.driver import CUresult
+            return (CUresult.CUDA_ERROR_UNSUPPORTED_PTX_VERSION,)
+        return (0, "mod")
+    fake.cuModuleLoadData = load
+    monkeypatch.setattr(cudadrv, "_driver", lambda: fake)
+    cudadrv.primary_context.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 0))
+    monkeypatch.setattr(cuda, "_WARNED", {})
+    cfg = dict(type="L1Loss")
+    src, meta = _source(cfg, _variant(cfg))
+    try:
+        k = cuda.CudaKernel(meta.fn_name, src, tmp_path, cuda.launch_info(src), "mean",
+                            meta.loss_level)
+        with pytest.warns(UserWarning, match="sm_80 cubin .* failed .*compute_80 PTX"):
+            k.launcher(torch.device("cuda", 0))
+        assert loaded[0] == b"\x7fELF" and loaded[1] != b"\x7fELF"
+        assert (tmp_path / f"{meta.fn_name}.compute_80.ptx").read_bytes() == k.images["compute_80"]
+        fake.fail = "ptx"
+        k2 = cuda.CudaKernel(meta.fn_name, src, tmp_path, cuda.launch_info(src), "mean",
+                             meta.loss_level)
+        with pytest.raises(BackendError, match="cuModuleLoadData failed"):
+            k2.launcher(torch.device("cuda", 0))
     finally:
         cudadrv.primary_context.cache_clear()

@@ -20,6 +20,7 @@ import lossgraph as lg
 from lossgraph import codegen
 from lossgraph.backends import cuda
 from lossgraph.build import Variant
+from lossgraph.losses import pipeline
 
 from conftest import _backend_available
 from cuda_emulator import Emulator, _build, compiler
@@ -52,6 +53,7 @@ def emulated(cfg: dict, pred: torch.Tensor, *args, max_blocks: int = 3, **kwargs
 
 def run_kernel(kern, call, v: Variant, **kw):
     pred, inputs = cuda.prepare(call, kern)
+    pred = pred.detach()
     d = call.denom
     compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
     denom = d.reshape(()).to(compute) if isinstance(d, torch.Tensor) else None   # host memory
@@ -174,6 +176,61 @@ def test_one_dimensional_pred_is_one_long_row():
     check(dict(type="CrossEntropyLoss", use_sigmoid=True), x, (rand(5000) > 0.5).float())
 
 
+# -- vector tiles (Note [Vector tiles]): one block, so the 4-vector tile loop, the single-vector
+#    loop, the label's scalar path and the scalar tail all run --------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_vector_tiles_focal_labels(dtype):
+    n, c = 130, 80
+    x = logits(n, c, dtype=dtype)
+    x[0, :8] = float("inf")
+    x[1, :8] = float("nan")
+    kern, _, _ = check(dict(type="FocalLoss"), x, labels(n, c), weight=rand(n), max_blocks=1)
+    assert kern.launch["vec"] == (2 if dtype == torch.float64 else 16 // x.element_size())
+    assert kern.launch["unroll"] == 4
+
+
+def test_vector_tiles_none_and_dense_target_store_vectors():
+    n, c = 90, 40
+    check(dict(type="FocalLoss", reduction="none"), logits(n, c, dtype=torch.bfloat16),
+          labels(n, c), max_blocks=1)
+    check(dict(type="FocalLoss", reduction="none"), logits(n, c),
+          (rand(n, c) > 0.8).float(), weight=rand(n * c), max_blocks=1)
+
+
+def test_unaligned_inputs_take_the_scalar_path():
+    """A pred view that is not 16-byte aligned runs the plain element code (no vector tiles)."""
+    n, c = 64, 80
+    base = torch.randn(n * c + 1, generator=gen) * 4
+    x = base[1:].reshape(n, c)             # 4 bytes past an aligned start
+    assert x.data_ptr() % 16 != 0
+    (loss, grad), (wl, wg), kern, call, v = emulated(dict(type="FocalLoss"), x, labels(n, c),
+                                                     max_blocks=1)
+    pred, inputs = cuda.prepare(call, kern)
+    assert "& 15u" in kern.source      # the kernel tests its pointers' alignment itself
+    l2, g2 = run_kernel_unaligned(kern, x, inputs, call, v)
+    assert_close(l2, wl, torch.float32, "loss")
+    assert_close(g2, wg, torch.float32, "grad")
+
+
+def run_kernel_unaligned(kern, x, inputs, call, v):
+    loss, grad = cuda.fused(kern, x, inputs, None, float(call.denom or 0), v.grad)
+    return loss, grad.reshape(call.pred.shape)
+
+
+@pytest.mark.parametrize("cfg", [dict(type="GIoULoss"), dict(type="DIoULoss", reduction="none"),
+                                 dict(type="IoULoss", mode="linear"),
+                                 dict(type="CIoULoss")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_box_losses_one_thread_per_box(cfg, dtype):
+    n = 1100
+    xy = rand(n, 2) * 50
+    box = torch.cat([xy, xy + 1 + rand(n, 2) * 30], 1)
+    tgt = box + torch.randn(n, 4, generator=gen) * 3
+    kern, _, _ = check(cfg, box.to(dtype), tgt, weight=rand(n), max_blocks=1)
+    assert kern.launch["box"] and kern.launch["vec"] == 4
+
+
 # -- the skeleton's own guarantees --------------------------------------------------------------
 
 def test_bitwise_reproducible():
@@ -285,6 +342,7 @@ def test_custom_op_under_torch_compile(monkeypatch):
         return loss, g if g is not None else pred.new_empty((0,))
     lib.impl("cuda_fused", cpu_kernel, "CPU")
     pred, inputs = cuda.prepare(call, kern)
+    pred = pred.detach()      # prepare leaves autograd alone; the traced path detaches
 
     def f(p, y):
         loss, grad = torch.ops.lossgraph.cuda_fused(kern.index, p, [y], None, float(call.denom),
@@ -299,9 +357,9 @@ def test_custom_op_under_torch_compile(monkeypatch):
 
 # -- the whole runtime path, with the emulator standing in for the device -------------------------
 
-def test_compiled_loss_end_to_end(monkeypatch):
-    """lg.compile(cfg, backend='cuda') on CPU tensors, the GPU replaced by the emulator: load
-    (NVRTC for sm_80 included), run, and backward through the runtime's scale_grad hook."""
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """backend='cuda' runs CPU tensors: NVRTC still compiles (sm_80), the emulator launches."""
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device="cuda": None)
     monkeypatch.setattr(cuda, "device_target", lambda index=None: "sm_80")
     emulators = {}
@@ -311,6 +369,13 @@ def test_compiled_loss_end_to_end(monkeypatch):
             emulators[self.name] = Emulator(self.source)
         return emulators[self.name]
     monkeypatch.setattr(cuda.CudaKernel, "launcher", launcher)
+    return emulators
+
+
+def test_compiled_loss_end_to_end(emulated_gpu):
+    """lg.compile(cfg, backend='cuda') on CPU tensors, the GPU replaced by the emulator: load
+    (NVRTC for sm_80 included), run, and backward through the runtime's scale_grad hook."""
+    emulators = emulated_gpu
     cfg = dict(type="FocalLoss", loss_weight=0.5)
     x, y, w = logits(), labels(), rand(N)
     avg = torch.tensor(40.0)
@@ -331,3 +396,51 @@ def test_compiled_loss_end_to_end(monkeypatch):
     assert_close(p1, p2, torch.float32, "grad * 2.5")
     assert_close(q1, q2, torch.float32, "grad")
     assert any(name.startswith("lg_scale") for name in emulators), "scale_grad was not used"
+
+
+# -- no host sync: the v3 zero-weight exits are selected on the device --------------------------
+
+def _no_sync(monkeypatch):
+    """Every way a tensor reaches the host (item, bool, float, int, tolist) raises, and so does
+    the host-side any(weight > 0) (on CPU tensors it is native code, not Tensor.__bool__)."""
+    def refuse(*a, **kw):
+        raise AssertionError("host sync: a tensor was read on the host during the call")
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(pipeline, "_any_positive", refuse)
+
+
+@pytest.mark.parametrize("cfg,weight", [
+    (dict(type="L1Loss"), "elem"), (dict(type="SmoothL1Loss", beta=0.5), "elem"),
+    (dict(type="IoULoss"), "row"), (dict(type="GIoULoss", reduction="sum"), "row")])
+def test_zero_weight_exits_make_no_host_sync(emulated_gpu, monkeypatch, cfg, weight):
+    """Weighted L1/SmoothL1/IoU/GIoU on the CUDA path: no tensor is read on the host, and the
+    result (and gradient) is the normal loss, or MMDetection's (pred * weight).sum() when no
+    weight is positive, exactly as the cpp backend's host-side exit gives."""
+    n = 300
+    xy = rand(n, 2) * 20
+    pred = torch.cat([xy, xy + 1 + rand(n, 2) * 10], 1)
+    tgt = pred + torch.randn(n, 4, generator=gen)
+    shape = (n, 4) if weight == "elem" else (n,)
+    for w in (rand(*shape), torch.zeros(shape), -rand(*shape)):
+        got, want = [], []
+        for backend, out in (("cuda", got), ("cpp", want)):
+            loss = lg.compile(cfg, backend=backend)
+            p = pred.clone().requires_grad_(True)
+            with monkeypatch.context() as m:
+                if backend == "cuda":
+                    _no_sync(m)
+                value = loss(p, tgt, weight=w)
+            value.backward()
+            out += [value.detach(), p.grad]
+        assert got[0].shape == want[0].shape == ()
+        assert_close(got[0], want[0], torch.float32, "loss")
+        assert_close(got[1], want[1], torch.float32, "grad")
+
+
+def test_zero_weight_exit_none_reduction_keeps_the_host_check(emulated_gpu):
+    """'none' with an all-zero weight returns a scalar (the early exit changes the shape)."""
+    loss = lg.compile(dict(type="L1Loss", reduction="none"), backend="cuda")
+    x = torch.randn(50, 4, generator=gen)
+    assert loss(x, x + 1, weight=torch.zeros(50, 4)).shape == ()
+    assert loss(x, x + 1, weight=torch.ones(50, 4)).shape == (50, 4)

@@ -2,9 +2,10 @@
 
 Note [CUDA kernel design]: the element statements come from clower.lower, exactly as in the cpp
 kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in GPU loops.
-- Schedule 'elem' (no row reductions): one thread per element, grid-stride over the flat index
-  with 64-bit indices and UNROLL elements in flight per thread; the row r = i / K is one
-  multiply-high below 2^31 (IntDivider magic) and a 64-bit division above.
+- Schedule 'elem' (no row reductions): vector tiles (cudavec.py, Note [Vector tiles]): 128-bit
+  loads and stores, 4 vectors in flight per thread, row values once per vector, a label-free
+  vector without any one-hot test, one thread per box; grid-stride with 64-bit indices; the
+  row r = i / K is one multiply-high below 2^31 (IntDivider magic), a 64-bit division above.
 - Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): one warp per row; a row sum the
   lowering turned into a gather (a value read at the label's column) is computed by every lane.
 - The one-hot split of the lowering (bodies folded for k == y and k != y) becomes a branch
@@ -32,8 +33,10 @@ import functools
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import get_ident
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,7 +45,7 @@ from .. import cache, codegen
 from ..errors import BackendError, InputError
 from ..inputs import compute_dtype
 from ..ops import Level
-from . import nvrtc
+from . import cudavec, nvrtc
 from .base import Artifact, KernelSource
 from .clower import literal, lower, scalar_loads
 
@@ -54,9 +57,11 @@ LABEL_CTYPE = {"int64": "long long", "int32": "int", "int16": "short", "int8": "
                "uint8": "unsigned char"}
 LAUNCH_LINE = re.compile(r"^// lossgraph-launch: (.*)$", re.M)
 # C types of the kernel parameters after the tensors, and of the _finish and scale kernels
-MAIN_TAIL = ("ptr", "int", "f64", "i64", "i64", "uint", "uint", "i64", "ptr", "ptr", "ptr")
+MAIN_TAIL = ("ptr", "int", "f64", "i64", "i64", "uint", "uint", "i64", "int", "ptr", "ptr", "ptr")
 FINISH_ARGS = ("ptr", "int", "ptr", "int", "f64", "ptr")
 SCALE_ARGS = ("ptr", "i64", "ptr", "int")
+COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
+           torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 # -- availability and cache key ------------------------------------------------------------------
@@ -100,15 +105,42 @@ def render(src: KernelSource) -> str:
     accumulate = k.loss_mode.startswith("acc")
     params = [("S" if n == "pred" else t, n) for t, n, _ in k.params if n not in k.tables]
     tables = [(n, [literal(x) for x in k.tables[n]]) for _, n, _ in k.params if n in k.tables]
-    launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": UNROLL,
-              "params": params, "tables": {n: len(vals) for n, vals in tables}}
+    box = schedule == "elem" and any(ld.comp is not None for ld in src.body.inputs())
+    vec = cudavec.vec_width(STORAGE[v.dtype], box)
+    unroll = cudavec.unroll_for(vec) if schedule == "elem" else UNROLL
+    launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": unroll,
+              "vec": vec, "box": box, "params": params,
+              "tables": {n: len(vals) for n, vals in tables}}
     args = "".join(f"const {t}* __restrict__ p_{n}, " for t, n in params)
-    return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=_hot(k),
-                          block=BLOCK, unroll=UNROLL, schedule=schedule, accumulate=accumulate,
+    hot = _hot(k)
+    ctypes = {"pred": STORAGE[v.dtype], "T": "double" if v.dtype == "float64" else "float"}
+    ctypes.update({n: ctypes["T"] for t, n in params if t == "T"})
+    tiles = {}
+    if schedule == "elem":
+        hot_ns = None if hot is None else _Hot(**hot)
+        tiles = {f"tile{'' if c > 1 else '1'}": cudavec.tile(k, hot_ns, params, ctypes, vec, c,
+                                                            box, v.grad)
+                 for c in (unroll, 1)}
+        if unroll == 1:
+            tiles["tile"] = tiles["tile1"]
+    vectors = [f"p_{n}" for t, n, a in k.params if a == "elem" and n not in k.tables]
+    vectors += ["grad_out"] * v.grad + ["loss_out"] * (k.loss_mode == "store_elem")
+    aligned = " | ".join(f"(unsigned long long){p}" for p in ["p_pred", *vectors])
+    return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=hot,
+                          aligned=aligned,
+                          vec=vec, **({"tile": [], "tile1": []} | tiles),
+                          block=BLOCK, unroll=unroll, schedule=schedule, accumulate=accumulate,
                           double=v.dtype == "float64", label_type=LABEL_CTYPE[v.label_dtype],
                           storage=STORAGE[v.dtype], tables=tables, tensor_args=args,
                           scalar_loads=scalar_loads(k.params),
                           launch=json.dumps(launch, sort_keys=True))
+
+
+class _Hot:
+    """The _hot dict with attribute access (cudavec reads index, common, body0, loss0, grad0)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
 
 
 def _hot(k) -> dict | None:
@@ -143,6 +175,7 @@ def device_target(index: int | None = None) -> str:
 # -- the loaded kernel -----------------------------------------------------------------------------
 
 KERNELS: list["CudaKernel"] = []   # loaded kernels by index: the custom op's `kernel` argument
+_WARNED: dict[str, bool] = {}
 
 
 @dataclass
@@ -159,6 +192,12 @@ class CudaKernel:
     images: dict[str, bytes] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     modules: dict[int, Any] = field(default_factory=dict)
+    plans: dict[tuple, "Plan"] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.finish = f"{self.name}_finish"
+        params = [tuple(p) for p in self.launch.get("params", ())]
+        self.inputs = [(n, t == "T") for t, n in params[1:]]   # (name, cast to compute dtype)
 
     def image(self, target: str) -> bytes:
         """The cubin/PTX for target: from memory, from the entry folder, or compiled now."""
@@ -172,13 +211,16 @@ class CudaKernel:
             image = None
         if not image:
             try:
-                image, log = nvrtc.compile(self.source, target, f"{self.name}.cu")
+                image, ptx, log = nvrtc.compile_with_ptx(self.source, target, f"{self.name}.cu")
             except BackendError as e:
                 self._write(f"compile.{target}.log", e.log or str(e))
                 raise
             self.logs[target] = log
             self._write(path.name, image)
             self._write(f"compile.{target}.log", log)
+            if kind == "cubin":   # its PTX, for a driver that cannot load the cubin
+                self.images[target.replace("sm_", "compute_")] = ptx
+                self._write(f"{self.name}.{target.replace('sm_', 'compute_')}.ptx", ptx)
         self.images[target] = image
         return image
 
@@ -191,13 +233,29 @@ class CudaKernel:
         index = device.index if device.index is not None else torch.cuda.current_device()
         mod = self.modules.get(index)
         if mod is None:
-            from .cudadrv import Module
-            mod = self.modules[index] = Module(self.image(device_target(index)), index)
+            mod = self.modules[index] = self._load_module(index)
         return mod
 
-    @property
-    def tensor_params(self) -> list[tuple[str, str]]:
-        return [tuple(p) for p in self.launch["params"]]
+    def _load_module(self, index: int):
+        """Note [PTX fallback]: the cubin for the device's arch, or, when the driver refuses
+        it (e.g. an image newer than the driver), the PTX of the same compile (or of the newest
+        arch below the device's), JIT-compiled by the driver, with one warning. When that fails
+        too the BackendError reaches the compiler, which falls back to torchscript."""
+        from .cudadrv import Module
+        target = device_target(index)
+        try:
+            return Module(self.image(target), index)
+        except BackendError as e:
+            ptx = target if target.startswith("compute") else \
+                nvrtc.ptx_target(torch.cuda.get_device_capability(index))
+            if ptx == target:
+                raise
+            if not _WARNED.get("ptx"):
+                _WARNED["ptx"] = True
+                warnings.warn(f"lossgraph: loading the {target} cubin of {self.name} failed "
+                              f"({e}); using its {ptx} PTX, JIT-compiled by the driver",
+                              stacklevel=2)
+            return Module(self.image(ptx), index)
 
     def loss_shape(self, rows: int, width: int) -> tuple:
         if self.reduction != "none":
@@ -212,7 +270,8 @@ def load(meta, source: str, folder: Path) -> Artifact:
         raise BackendError(why)
     kern = CudaKernel(meta.fn_name, source, Path(folder), launch_info(source),
                       meta.variant.reduction, meta.loss_level)
-    kern.image(device_target())   # errors surface now, where the compiler can fall back
+    kern.launcher(torch.device("cuda"))   # errors (compile; module load after the PTX fallback)
+    # surface now, where the compiler can fall back to torchscript
     register(kern)
     info = {"kernel": kern, "dump": {f"compile.{t}.log": log for t, log in kern.logs.items()}}
     return Artifact(fn=functools.partial(fused, kern), source=source, info=info)
@@ -227,29 +286,41 @@ def register(kern: CudaKernel) -> CudaKernel:
 
 # -- running ---------------------------------------------------------------------------------------
 
-def prepare(call, kern: CudaKernel) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """pred as a contiguous (R, K) view and the other inputs in kernel order and kernel dtypes."""
-    pred = call.pred.detach().reshape(call.rows, call.width).contiguous()
-    compute = compute_dtype(pred.dtype)
+def prepare(call, kern: CudaKernel, ptrs: list | None = None):
+    """pred as a contiguous (R, K) view and the other inputs in kernel order and kernel dtypes
+    (contiguous, on pred's device); their data pointers are appended to `ptrs` when given.
+    Kernels read data pointers only: nothing is detached."""
+    pred = call.pred.contiguous().view(call.rows, call.width)
+    if kern.launch["tables"]:
+        _check_tables(call, kern)
+    compute = COMPUTE[pred.dtype]
+    dev, tensors, inputs = pred.device, call.tensors, []
+    if ptrs is not None:
+        ptrs.append(pred.data_ptr())
+    for name, cast in kern.inputs:
+        t = tensors[name]
+        if t.device != dev:   # e.g. a CPU scalar a loss hook made: the kernel reads it
+            t = t.to(dev)
+        if cast and t.dtype != compute:
+            t = t.to(compute)
+        t = t.contiguous()
+        inputs.append(t)
+        if ptrs is not None:
+            ptrs.append(t.data_ptr())
+    return pred, inputs
+
+
+def _check_tables(call, kern: CudaKernel) -> None:
     for name, n in kern.launch["tables"].items():
         if n != call.width:
             raise InputError(f"{call.name}: {name} has {n} values but pred has {call.width} "
                              f"classes (last dimension)")
-    inputs = []
-    for ctype, name in kern.tensor_params[1:]:
-        t = call.tensors[name].detach()
-        if t.device != pred.device:   # e.g. a CPU scalar a loss hook made: the kernel reads it
-            t = t.to(pred.device)
-        if ctype == "T" and t.dtype != compute:
-            t = t.to(compute)
-        inputs.append(t.contiguous())
-    return pred, inputs
 
 
 def denominator(call, device: torch.device) -> tuple[Optional[torch.Tensor], float]:
     """'mean''s denominator as (device scalar, 0.0) or (None, value); never a host sync."""
     d = call.denom
-    if not isinstance(d, torch.Tensor):
+    if d.__class__ is not torch.Tensor and not isinstance(d, torch.Tensor):
         return None, float(d or 0.0)
     if d.device.type == "cpu":
         return None, float(d)      # a CPU scalar is read on the host: no device sync
@@ -260,6 +331,7 @@ def denominator(call, device: torch.device) -> tuple[Optional[torch.Tensor], flo
     return d.reshape(()), 0.0
 
 
+@functools.lru_cache(maxsize=256)
 def _divider(width: int) -> tuple[int, int, int]:
     """(magic, shift, limit) so that i // width == (umulhi(i, magic) + i) >> shift for i < limit."""
     if width <= 0 or width >= 1 << 31:
@@ -269,59 +341,118 @@ def _divider(width: int) -> tuple[int, int, int]:
     return magic, shift, 1 << 31
 
 
+@dataclass
+class Plan:
+    """Note [Launch plans]: everything about a launch that depends only on the call's signature
+    (shape, device, dtype; and the thread, which owns the argument buffers) is worked out once
+    and kept on the kernel: the grid, the divider, the output shapes, and the bound launches
+    (cudadrv.Launches) of the kernel and its combine. A call then allocates its outputs, collects
+    data pointers and fires. The vector tiles' alignment test runs in the kernel itself."""
+
+    blocks: int
+    loss_shape: tuple
+    loss_dtype: torch.dtype
+    fixed: tuple          # R, K, magic, shift, fast_limit, vec_ok (a box kernel's rows are boxes)
+    fire: Callable        # cudadrv.Launches of the kernel (and its combine)
+    accumulate: bool
+
+
+def _plan(kern: CudaKernel, dev: torch.device, rows: int, width: int, dtype: torch.dtype,
+          ninputs: int, fast_limit: int | None) -> Plan:
+    mod = kern.launcher(dev)
+    block, n = kern.launch["block"], rows * width
+    if kern.launch["schedule"] == "elem":
+        work = math.ceil(n / (block * kern.launch["unroll"] * kern.launch.get("vec", 1)))
+    else:
+        work = math.ceil(rows / (block // 32))
+    blocks = max(1, min(work, mod.max_blocks(kern.name, block)))
+    magic, shift, limit = _divider(width)
+    if fast_limit is not None:
+        limit = min(limit, fast_limit)
+    specs = [(kern.name, blocks, block, ("ptr",) * (1 + ninputs) + MAIN_TAIL)]
+    if kern.launch["accumulate"]:
+        specs.append((kern.finish, 1, block, FINISH_ARGS))
+    box_ok = int(not kern.launch.get("box") or width == kern.launch["vec"])
+    return Plan(blocks, kern.loss_shape(rows, width), compute_dtype(dtype),
+                (rows, width, magic, shift, limit, box_ok), mod.bind(specs),
+                kern.launch["accumulate"])
+
+
 def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
           denom: Optional[torch.Tensor], denom_value: float, grad: bool,
           fast_limit: int | None = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launch the kernel (and its combine) on pred's device: returns (loss, grad or None)."""
-    rows, width = pred.shape
-    dev = pred.device
-    mod = kern.launcher(dev)
-    block, n = kern.launch["block"], rows * width
-    accumulate = kern.launch["accumulate"]
-    loss = torch.empty(kern.loss_shape(rows, width), dtype=compute_dtype(pred.dtype), device=dev)
-    g = torch.empty((rows, width), dtype=pred.dtype, device=dev) if grad else None
-    if kern.launch["schedule"] == "elem":
-        work = math.ceil(n / (block * kern.launch["unroll"]))
+    ptrs = [pred.data_ptr()]
+    for t in inputs:
+        ptrs.append(t.data_ptr())
+    return _launch(kern, pred, ptrs, denom, denom_value, grad, fast_limit)
+
+
+def _launch(kern: CudaKernel, pred: torch.Tensor, ptrs: list, denom: Optional[torch.Tensor],
+            denom_value: float, grad: bool, fast_limit: int | None):
+    """fused() on the data pointers of pred and the inputs."""
+    shape, dev, dtype = pred.shape, pred.device, pred.dtype
+    key = (shape, dev, dtype, fast_limit, get_ident())
+    try:
+        plan = kern.plans[key]
+    except KeyError:
+        plan = kern.plans[key] = _plan(kern, dev, *shape, dtype, len(ptrs) - 1, fast_limit)
+    loss = torch.empty(plan.loss_shape, dtype=plan.loss_dtype, device=dev)
+    lptr = loss.data_ptr()
+    if grad:
+        g = torch.empty(shape, dtype=dtype, device=dev)
+        gptr = g.data_ptr()
     else:
-        work = math.ceil(rows / (block // 32))
-    blocks = max(1, min(work, mod.max_blocks(kern.name, block)))
-    partials = torch.empty(blocks, dtype=torch.float64, device=dev) if accumulate else None
-    magic, shift, limit = _divider(width)
-    if fast_limit is not None:
-        limit = min(limit, fast_limit)
-    dptr = denom.data_ptr() if denom is not None else 0
-    dkind = 0 if denom is None else (1 if denom.dtype == torch.float32 else 2)
-    pptr = partials.data_ptr() if partials is not None else 0
-    values = [pred.data_ptr(), *(t.data_ptr() for t in inputs), dptr, dkind, denom_value, rows,
-              width, magic, shift, limit, loss.data_ptr(), g.data_ptr() if g is not None else 0,
-              pptr]
-    mod.launch(kern.name, blocks, block, values, ("ptr",) * (1 + len(inputs)) + MAIN_TAIL)
-    if accumulate:
-        mod.launch(f"{kern.name}_finish", 1, block,
-                   (pptr, blocks, dptr, dkind, denom_value, loss.data_ptr()), FINISH_ARGS)
+        g, gptr = None, 0
+    if denom is None:
+        dptr = dkind = 0
+    else:
+        dptr, dkind = denom.data_ptr(), 1 if denom.dtype == torch.float32 else 2
+    if plan.accumulate:
+        partials = torch.empty(plan.blocks, dtype=torch.float64, device=dev)
+        pptr = partials.data_ptr()   # freed on return: the allocator orders reuse on the stream
+        plan.fire((*ptrs, dptr, dkind, denom_value, *plan.fixed, lptr, gptr, pptr,
+                   pptr, plan.blocks, dptr, dkind, denom_value, lptr))
+    else:
+        plan.fire((*ptrs, dptr, dkind, denom_value, *plan.fixed, lptr, gptr, 0))
     return loss, g
 
 
 def run(artifact: Artifact, call, meta):
     """Run the kernel on pred's device and current stream; returns (loss, grad or None)."""
     kern: CudaKernel = artifact.info["kernel"]
+    if HAS_OP and _compiling():
+        return _run_traced(kern, call, meta.variant.grad)
+    ptrs: list = []
+    pred, inputs = prepare(call, kern, ptrs)
+    d = call.denom
+    if d.__class__ is torch.Tensor or isinstance(d, torch.Tensor):
+        denom, value = denominator(call, pred.device)
+    else:
+        denom, value = None, float(d or 0.0)
+    loss, g = _launch(kern, pred, ptrs, denom, value, meta.variant.grad, None)
+    if g is None or g.shape == call.pred.shape:
+        return loss, g
+    return loss, g.view(call.pred.shape)
+
+
+def _run_traced(kern: CudaKernel, call, grad: bool):
+    """run() under torch.compile: the launch is the custom op (Note [Custom op])."""
     pred, inputs = prepare(call, kern)
     denom, value = denominator(call, pred.device)
-    grad = meta.variant.grad
-    if _compiling() and HAS_OP:
-        loss, g = torch.ops.lossgraph.cuda_fused(kern.index, pred, inputs, denom, value, grad)
-        g = g if grad else None
-    else:
-        loss, g = fused(kern, pred, inputs, denom, value, grad)
-    return loss, (g.reshape(call.pred.shape) if g is not None else None)
+    pred, inputs = pred.detach(), [t.detach() for t in inputs]
+    loss, g = torch.ops.lossgraph.cuda_fused(kern.index, pred, inputs, denom, value, grad)
+    return loss, (g.reshape(call.pred.shape) if grad else None)
 
 
 # -- torch.compile: the launch as a custom op ------------------------------------------------------
 
 def _compiling() -> bool:
     """True while dynamo traces (torch.compiler.is_compiling from torch 2.3 on)."""
-    f = getattr(torch.compiler, "is_compiling", None)
-    return f() if f is not None else torch._dynamo.is_compiling()
+    return _IS_COMPILING() if _IS_COMPILING is not None else torch._dynamo.is_compiling()
+
+
+_IS_COMPILING = getattr(torch.compiler, "is_compiling", None)
 
 
 HAS_OP = hasattr(torch.library, "custom_op")   # torch >= 2.4; older torch breaks the graph here

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -19,6 +21,24 @@ from ..errors import BackendError
 
 C_TYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "uint": ctypes.c_uint,
            "i64": ctypes.c_longlong, "f64": ctypes.c_double}
+SLOT = {"ptr": "Q", "int": "i4x", "uint": "I4x", "i64": "q", "f64": "d"}   # one 8-byte slot each
+
+
+class Packer:
+    """Note [Packed kernel arguments]: the kernel's void** argument array is built once per
+    (function, argument kinds): one 8-byte slot per argument in a ctypes buffer and an array of
+    the slots' addresses. A launch packs its values into the slots with one struct.pack_into
+    and hands cuLaunchKernel the array's address, instead of cuda.bindings building a ctypes
+    structure from (values, types) on every call. Packers are per thread (Module keeps them in
+    a threading.local), so two threads never share a buffer between packing and launching."""
+
+    def __init__(self, kinds: tuple):
+        self.pack = struct.Struct("<" + "".join(SLOT[k] for k in kinds)).pack_into
+        self.buf = ctypes.create_string_buffer(8 * max(1, len(kinds)))
+        base = ctypes.addressof(self.buf)
+        self.ptrs = (ctypes.c_void_p * max(1, len(kinds)))(*[base + 8 * i
+                                                              for i in range(len(kinds))])
+        self.address = ctypes.addressof(self.ptrs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,9 +47,23 @@ def ctypes_of(kinds: tuple) -> tuple:
     return tuple(C_TYPES[k] for k in kinds)
 
 
-def _driver():
+@functools.lru_cache(maxsize=None)
+def _bindings_driver():
     from cuda.bindings import driver
     return driver
+
+
+def _driver():
+    return _bindings_driver()
+
+
+def _raw_stream(index: int) -> int:
+    """The handle of torch's current stream on device `index` (one C call where torch has it)."""
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
 
 
 def check(result, what: str):
@@ -101,6 +135,8 @@ class Module:
             self.module = check(_driver().cuModuleLoadData(image), "cuModuleLoadData")
         self._functions: dict[str, Any] = {}
         self._max_blocks: dict[tuple[str, int], int] = {}
+        self._tls = threading.local()
+        self._ctx = int(primary_context(index))
         self.sms = torch.cuda.get_device_properties(index).multi_processor_count
 
     def function(self, name: str):
@@ -121,12 +157,50 @@ class Module:
             self._max_blocks[key] = max(1, per_sm) * self.sms
         return self._max_blocks[key]
 
+    def bind(self, specs: Sequence[tuple]) -> "Launches":
+        """A callable that launches, in order, each (name, grid, block, kinds) of specs with one
+        tuple of values per kernel (kinds: C_TYPES names); see Note [Packed kernel arguments]."""
+        return Launches(self, specs)
+
     def launch(self, name: str, grid: int, block: int, values: Sequence, kinds: tuple) -> None:
         """Launch name<<<grid, block>>>(values) on torch's current stream of this device; kinds
-        name the C type of each value (C_TYPES)."""
-        drv = _driver()
-        stream = drv.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
-        params = (tuple(values), ctypes_of(kinds))
-        with _Current(self.index):
-            check(drv.cuLaunchKernel(self.function(name), grid, 1, 1, block, 1, 1, 0, stream,
-                                     params, 0), f"launching {name}")
+        name the C type of each value (C_TYPES). Nothing waits for the GPU."""
+        cache = self._tls.__dict__
+        key = (name, grid, block, kinds)
+        fire = cache.get(key)
+        if fire is None:
+            fire = cache[key] = self.bind([key])
+        fire(values)
+
+
+class Launches:
+    """Kernels with fixed grids and argument layouts on one device, for one thread: calling it
+    with all the kernels' values in one tuple packs them (one struct.pack_into) and launches the
+    kernels in order on torch's current stream, pushing the device's primary context only when
+    another context is current (Note [Contexts and streams])."""
+
+    def __init__(self, mod: Module, specs: Sequence[tuple]):
+        kinds = tuple(k for *_, ks in specs for k in ks)
+        self.packer = Packer(kinds)
+        self.pack, self.buf = self.packer.pack, self.packer.buf
+        first, self.items = 0, []
+        for name, grid, block, ks in specs:
+            addr = self.packer.address + 8 * first   # this kernel's slice of the void** array
+            self.items.append((mod.function(name), name, grid, block, addr))
+            first += len(ks)
+        self.index, self.ctx, self.drv = mod.index, mod._ctx, _driver()
+
+    def __call__(self, values: Sequence) -> None:
+        self.pack(self.buf, 0, *values)
+        drv = self.drv
+        if int(drv.cuCtxGetCurrent()[1]) != self.ctx:
+            with _Current(self.index):
+                return self._launch(drv)
+        return self._launch(drv)
+
+    def _launch(self, drv) -> None:
+        stream = _raw_stream(self.index)
+        for fn, name, grid, block, address in self.items:
+            (err,) = drv.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0, stream, address, 0)
+            if err:
+                raise BackendError(f"launching {name} failed: {getattr(err, 'name', err)}")

@@ -17,7 +17,7 @@ from ..inputs import fail
 from ..registry import register_loss
 from ..symbolic import (abs, asin, atan, clamp, class_index, cos, exp, log, maximum, minimum,
                         stop_gradient, to_float, where)
-from .pipeline import zero_weight_exit
+from .pipeline import DEVICE_EXIT, zero_weight_exit, zero_weight_forward
 
 
 def check_boxes(spec, call):
@@ -33,7 +33,7 @@ def iou_zero_weight_exit(spec, a):
     override = a.get("reduction_override")
     if override is not None:
         check_reduction(spec.name, override, "reduction_override")
-    if (override or spec.reduction) == "none":
+    if (override or spec.reduction) == "none" or a.get(DEVICE_EXIT):
         return None
     return zero_weight_exit(spec, a)
 
@@ -44,7 +44,8 @@ def _warn_linear(spec):
                       'use "mode=`linear`" instead.', stacklevel=4)
 
 
-IOU_HOOKS = {"early_exit": zero_weight_exit, "check": check_boxes}
+IOU_HOOKS = {"early_exit": zero_weight_exit, "forward": zero_weight_forward,
+             "check": check_boxes}
 
 
 def _boxes(x):
@@ -95,6 +96,7 @@ def _rho2(p, t):
 
 
 @register_loss("IoULoss", weight="iou", hooks={"early_exit": iou_zero_weight_exit,
+                                               "forward": zero_weight_forward,
                                                "check": check_boxes, "init": _warn_linear},
                _builtin=True)
 def iou_loss(pred, target, linear: bool = False, eps: float = 1e-6,

@@ -13,18 +13,57 @@ def _any_positive(w: torch.Tensor) -> bool:
     return bool(torch.any(w > 0)) if fast is None else fast
 
 
+DEVICE_EXIT = "_zero_weight_on_device"   # key in the roles: the forward hook selects instead
+
+
+def _early_value(pred: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """MMDetection's early return: (pred * weight).sum(), weight broadcast over pred's last axis."""
+    if pred.dim() == w.dim() + 1:
+        w = w.unsqueeze(1)
+    return (pred * w).sum()
+
+
 def zero_weight_exit(spec, a):
     """v3 L1/SmoothL1/IoU quirk: an all-zero weight returns (pred * weight).sum() at once.
 
     It runs before the reduction_override check, ignores the reduction (a scalar even for 'none'),
-    skips loss_weight and needs a host sync, all exactly as in MMDetection 3.3.0.
+    skips loss_weight and needs a host sync, all exactly as in MMDetection 3.3.0. On a device the
+    forward hook below makes the same choice without the sync (Note [Zero-weight exit on the
+    device]).
     """
     w, pred = a.get("weight"), a["pred"]
-    if isinstance(w, torch.Tensor) and not _any_positive(w):
-        if pred.dim() == w.dim() + 1:
-            w = w.unsqueeze(1)
-        return (pred * w).sum()
+    if a.get(DEVICE_EXIT) or not isinstance(w, torch.Tensor):
+        return None
+    if not _any_positive(w):
+        return _early_value(pred, w)
     return None
+
+
+def _device_select(module, a) -> bool:
+    """True when the exit must not sync: a weight off the CPU, or a CUDA kernel (which runs
+    CPU tensors only under the tests' emulator), for a scalar result and a valid override."""
+    w = a.get("weight")
+    if not isinstance(w, torch.Tensor) or not isinstance(a.get("pred"), torch.Tensor):
+        return False
+    if w.device.type == "cpu" and module.compiler.backend_for("cpu") != "cuda":
+        return False
+    override = a.get("reduction_override")
+    if override not in (None, "none", "mean", "sum"):
+        return False     # the sync path keeps MMDetection's order: exit before the check
+    return (override or module.spec.reduction) != "none"
+
+
+def zero_weight_forward(module, a):
+    """Note [Zero-weight exit on the device]: on a GPU the v3 exit is computed, not branched on:
+    the normal loss and MMDetection's early value (pred * weight).sum() are both formed and
+    torch.where(any(weight > 0), loss, early) picks one on the device, so a call never waits for
+    the GPU, can be captured in a CUDA graph and traces with fullgraph=True. The early value takes
+    the loss's dtype. 'none' keeps the host check: the early exit changes the result's shape."""
+    if not _device_select(module, a):
+        return module.run_pipeline(a)
+    out = module.run_pipeline({**a, DEVICE_EXIT: True})
+    early = _early_value(a["pred"], a["weight"].to(a["pred"].device))
+    return torch.where(torch.any(a["weight"] > 0).to(out.device), out, early.to(out.dtype))
 
 
 def empty_zero(spec, call, a):

@@ -7,9 +7,10 @@ from ..build import check
 from ..errors import ConfigAssertion
 from ..registry import register_loss
 from ..symbolic import abs, log, where
-from .pipeline import empty_zero, zero_weight_exit
+from .pipeline import empty_zero, zero_weight_exit, zero_weight_forward
 
-ZERO_EXIT = {"early_exit": zero_weight_exit, "empty": empty_zero}
+ZERO_EXIT = {"early_exit": zero_weight_exit, "forward": zero_weight_forward,
+             "empty": empty_zero}
 
 
 @register_loss("L1Loss", hooks=ZERO_EXIT, _builtin=True)

@@ -32,10 +32,12 @@ every write of this process goes to a private temporary folder (0700, removed at
 read-only cache is still read. LOSSGRAPH_DISABLE_CACHE=1 reads nothing and writes only into
 that private folder. Temporary files (`*.tmp`) are removed when a write fails, and ones older
 than TMP_STALE_S (left by a process killed mid-write) at the next maintenance, which runs at
-most every MAINTAIN_EVERY_S at start-up and also bounds the cache (Note [Cache bound], prune.py).
+most every MAINTAIN_EVERY_S at start-up and also bounds the cache (Note [Cache bound], prune.py);
+the private folders of dead processes go when a process makes its own (prune.sweep_private).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
@@ -45,6 +47,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -173,7 +176,8 @@ def _mkdirs(path: Path) -> None:
     """mkdir -p with mode 0700 for every folder it creates (Note [Cache trust])."""
     if path.is_dir():
         return
-    _mkdirs(path.parent) if path.parent != path else None
+    if path.parent != path:
+        _mkdirs(path.parent)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -216,38 +220,18 @@ def _bases() -> list[Path]:
 # -- the private per-process folder ----------------------------------------------------------------
 
 _PRIVATE: dict[int, Path] = {}
+_PRIVATE_LOCK = threading.Lock()
 
 
 def _private_root() -> Path:
     """A 0700 temporary folder of this process, removed when it exits."""
     pid = os.getpid()
-    if pid not in _PRIVATE:
-        _sweep_private()
-        _PRIVATE[pid] = Path(tempfile.mkdtemp(prefix=f"lossgraph-{pid}-"))
+    with _PRIVATE_LOCK:
+        if pid not in _PRIVATE:
+            from . import prune
+            prune.sweep_private()
+            _PRIVATE[pid] = Path(tempfile.mkdtemp(prefix=f"lossgraph-{pid}-"))
     return _PRIVATE[pid]
-
-
-def _sweep_private() -> None:
-    """Remove the private folders of processes of this user that died without cleaning up
-    (kill -9), once they are TMP_STALE_S old."""
-    base = Path(tempfile.gettempdir())
-    with contextlib.suppress(OSError):
-        for d in base.glob("lossgraph-*-*"):
-            with contextlib.suppress(OSError, ValueError):
-                st = os.lstat(d)
-                pid = int(d.name.split("-")[1])
-                if _private(st) and time.time() - st.st_mtime > TMP_STALE_S and not _alive(pid):
-                    shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def private_mirror(folder: Path) -> Path:
@@ -267,7 +251,7 @@ def scratch_dir() -> Path:
     return d
 
 
-@__import__("atexit").register
+@atexit.register
 def _remove_private() -> None:
     d = _PRIVATE.get(os.getpid())
     if d is not None:
@@ -371,7 +355,9 @@ def get(path: Path) -> bytes | None:
     for folder in readable(Path(path).parent):
         p = folder / Path(path).name
         data, want = read(p), read(Path(f"{p}.sha256"))
-        if data is not None and want is not None and sha(data) == want.decode(errors="replace").strip():
+        if data is not None and want is not None and \
+                sha(data) == want.decode(errors="replace").strip():
+            touch(p)
             return data
     return None
 

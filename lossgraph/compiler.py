@@ -243,8 +243,8 @@ class Compiler:
             found = GRAPH_LINE.search(source)
             fn_name = KernelSource(None, self.spec, v, found.group(1), be.name).fn_name
             names = set(meta_d["params"])
-            if not names or len(names) != len(meta_d["params"]) or fn_name != meta_d["fn_name"] \
-                    or int(meta_d["loss_level"]) != int(level):
+            if len(names) != len(meta_d["params"]) or not set(access) <= names or \
+                    fn_name != meta_d["fn_name"] or int(meta_d["loss_level"]) != int(level):
                 return None
             access = {n: _variant_access(v, n) or access.get(n) for n in names}
             tables = {n: tables[n] for n in names if n in tables}

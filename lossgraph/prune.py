@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,17 +52,19 @@ class Unit:
 
 
 def units(root: Path) -> list[Unit]:
-    """Every entry folder (a folder without subfolders) and every loose file, with size and use."""
+    """Every entry folder (one with a meta.json, an artifact's .sha256 or a build lock) and every
+    other file (toolchain records, quarantined files), with size and last use."""
     out = []
-    for folder, dirs, files in os.walk(root):
-        files = [f for f in files if f not in BOOKKEEPING]
+    for folder, _, names in os.walk(root):
         here = Path(folder)
-        if dirs or here == Path(root):
-            out += [u for u in (_file_unit(here / f) for f in files) if u]
-        elif files:
+        files = [f for f in names if f not in BOOKKEEPING]
+        if here != Path(root) and any(f == "meta.json" or f.endswith(".sha256") or
+                                      f == ".build.lock" for f in names):
             stats = [s for s in (_lstat(here / f) for f in files) if s]
             out.append(Unit(here, sum(s.st_size for s in stats),
                             max((s.st_mtime for s in stats), default=0.0)))
+        else:
+            out += [u for u in (_file_unit(here / f) for f in files) if u]
     return out
 
 
@@ -118,6 +121,31 @@ def sweep_temps(root: Path, older_than: float = cache.TMP_STALE_S) -> int:
                     p.unlink()
                     n += 1
     return n
+
+
+def sweep_private() -> None:
+    """Remove the private folders of processes of this user that died without cleaning up
+    (kill -9), once they are cache.TMP_STALE_S old."""
+    base = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for d in base.glob("lossgraph-*-*"):
+            with contextlib.suppress(OSError, ValueError):
+                st = os.lstat(d)
+                pid = int(d.name.split("-")[1])
+                old = time.time() - st.st_mtime > cache.TMP_STALE_S
+                if cache._private(st) and old and not _alive(pid):
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def info(root: Path) -> dict:

@@ -197,18 +197,20 @@ def test_damaged_kernels_are_rebuilt(root):
     assert any("not private to this user" in w for w in out["results"][-1]["warnings"])
 
 
-EDITS = ["params reversed", "loss level", "tables", "access"]
+EDITS = ["params reversed", "param dropped", "loss level", "tables", "access"]
 
 
 def test_meta_json_is_not_trusted(root):
     """Parameter order comes from the code; any other disagreement with the code is a miss."""
     jobs = []
-    for cfg, edit in zip(cfgs(4), EDITS):
+    for cfg, edit in zip(cfgs(5), EDITS):
         for backend in BACKENDS:
             meta_path = entry(root, backend, cfg) / "meta.json"
             meta = json.loads(meta_path.read_text())
             if edit == "params reversed":
                 meta["params"] = meta["params"][::-1]
+            elif edit == "param dropped":
+                meta["params"] = [p for p in meta["params"] if p != "label"]
             elif edit == "loss level":
                 meta["loss_level"] = (meta["loss_level"] + 1) % 3
             elif edit == "tables":

@@ -3,6 +3,7 @@
     python -m lossgraph compile "dict(type='FocalLoss')" --backend cuda --arch sm_90 --out DIR
     lossgraph compile configs/retinanet/retinanet_r50_fpn_1x_coco.py --backend cpp --out DIR
     lossgraph list
+    lossgraph cache info|prune|clear
 """
 from __future__ import annotations
 
@@ -98,7 +99,54 @@ def parser() -> argparse.ArgumentParser:
                    help="in a model config, skip loss dicts lossgraph cannot compile (exit 0 "
                    "if any compiled)")
     sub.add_parser("list", help="list the loss types lossgraph knows")
+    _cache_parser(sub)
     return p
+
+
+def _cache_parser(sub) -> None:
+    k = sub.add_parser("cache", help="show, prune or clear the kernel cache",
+                       description="The on-disk kernel cache ($LOSSGRAPH_CACHE_DIR, default "
+                       "~/.cache/lossgraph). It is pruned automatically to "
+                       "$LOSSGRAPH_CACHE_MAX_MB (default 500) and entries unused for "
+                       "$LOSSGRAPH_CACHE_MAX_DAYS (default 30) are removed.")
+    ops = k.add_subparsers(dest="action", required=True)
+    info = ops.add_parser("info", help="where the cache is, whether it is used, its size")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    prune = ops.add_parser("prune", help="remove entries beyond the size/age bound now")
+    prune.add_argument("--max-mb", type=float, metavar="MB",
+                       help="size bound (default: $LOSSGRAPH_CACHE_MAX_MB or 500; 0: none)")
+    prune.add_argument("--max-days", type=float, metavar="DAYS",
+                       help="age bound (default: $LOSSGRAPH_CACHE_MAX_DAYS or 30; 0: none)")
+    ops.add_parser("clear", help="remove every entry")
+
+
+def cache_command(args) -> int:
+    """`lossgraph cache info|prune|clear`."""
+    from . import cache, prune
+    root = cache.cache_dir()
+    if args.action == "info":
+        facts = prune.info(root)
+        if args.json:
+            print(json.dumps(facts, indent=1))
+            return 0
+        state = "disabled" if not facts["enabled"] else \
+            "read-write" if facts["writes"] else "read-only" if facts["loads"] else "not used"
+        print(f"folder:  {root} ({state}{'; ' + facts['problem'] if facts['problem'] else ''})")
+        print(f"size:    {facts['bytes'] / 1e6:.1f} MB in "
+              f"{sum(facts['units'].values())} entries "
+              f"({', '.join(f'{k}: {n}' for k, n in sorted(facts['units'].items())) or 'empty'})")
+        print(f"bound:   {facts['bound']['max_mb']:g} MB, {facts['bound']['max_days']:g} days")
+        return 0
+    if cache.place().why or not cache.place().write:
+        return _error(f"the cache folder {root} cannot be changed by this user "
+                      f"({cache.place().why or 'disabled'})")
+    if args.action == "prune":
+        removed = prune.prune(root, args.max_mb, args.max_days)
+        prune.sweep_temps(root)
+        print(f"removed {len(removed)} entries ({sum(u.size for u in removed) / 1e6:.1f} MB)")
+        return 0
+    print(f"removed {prune.clear(root)} entries from {root}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(public_names()))
         return 0
     try:
+        if args.command == "cache":
+            return cache_command(args)
         return compile_command(args)
     except (ConfigError, BackendError, ValueError, OSError) as e:
         return _error(e)

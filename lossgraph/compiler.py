@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +13,25 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, backends, cache, dump, passes
-from .backends.base import Artifact, KernelSource, signature
+from .backends.base import Artifact, KernelSource, param_order, signature
 from .build import Variant, build
 from .config import Spec
 from .errors import BackendError, ConfigError
 from .ops import Level, Op
 
 VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(Variant))
+GRAPH_LINE = re.compile(r"^\W*graph: sha256:([0-9a-f]{64})$", re.M)   # codegen.header's line
+
+
+def _access(g) -> dict[str, str]:
+    """How each input of a graph is read: elem, row, col or scalar (pred and target: elem)."""
+    access = {ld.name: ("row" if ld.comp is not None else ld.access) for ld in g.inputs()}
+    return {k: ("elem" if k in ("pred", "target") else a) for k, a in access.items()}
+
+
+def _variant_access(v: Variant, name: str) -> str | None:
+    """The access of the inputs a variant adds to the loss: the weight and the denominator."""
+    return {"weight": v.weight, "denom": "scalar"}.get(name)
 
 
 @dataclass
@@ -79,7 +92,7 @@ class Compiler:
             backends.get(backend)  # validates the name
         self.spec, self.backend, self.dump_dir = spec, backend, dump_dir
         self._variants: dict[Variant, int] = {}   # variant -> i; the kernel is self._compiled_<i>
-        self._levels: dict[tuple, tuple[Level, bool]] = {}
+        self._levels: dict[tuple, tuple] = {}
         self._fallback_warned = False
         try:
             self.default_variant()  # traces the math once, so config errors surface at compile()
@@ -115,6 +128,11 @@ class Compiler:
         return self._analyse(target, params)[1]
 
     def _analyse(self, target: str, params: tuple) -> tuple[Level, bool]:
+        return self._analysis(target, params)[:2]
+
+    def _analysis(self, target: str, params: tuple) -> tuple[Level, bool, dict, dict]:
+        """(loss level, row-coupled, access kind of each input, per-class tables) of the
+        unweighted, unreduced loss: what a disk hit checks meta.json against."""
         key = (target, params)
         if key not in self._levels:
             g = build(self.spec, Variant(reduction="none", target=target, grad=False, params=params))
@@ -123,7 +141,7 @@ class Compiler:
             preds = [i for i in g.ids() if g[i].op is Op.INPUT and g[i].arg.name == "pred"]
             coupled = lv[g[red].srcs[0]] is Level.ELEM and \
                 any(lv[i] is Level.ROW for i in g.depends_on(preds))
-            self._levels[key] = (lv[g[red].srcs[0]], coupled)
+            self._levels[key] = (lv[g[red].srcs[0]], coupled, _access(g), dict(g.tables))
         return self._levels[key]
 
     def stages(self, v: Variant) -> list:
@@ -193,29 +211,26 @@ class Compiler:
     def _compile(self, v: Variant, be: backends.Backend) -> CompiledVariant:
         comps = self._components(v, be)
         key = cache.digest(comps)
-        folder = cache.entry_dir(be.name, key)
         hit = cache.load(be.name, key)
-        stages = None
+        stages = artifact = None
         if hit is not None:
+            meta_d, source, folder = hit
+            meta = self._meta_from_disk(v, be, meta_d, source)
             try:
-                meta_d, source = hit
-                meta = KernelMeta(meta_d["fn_name"], v, list(meta_d["params"]),
-                                  Level(meta_d["loss_level"]),
-                                  {k: tuple(t) for k, t in meta_d["tables"].items()},
-                                  dict(meta_d["access"]))
-                artifact = be.load(meta, source, folder)
+                artifact = be.load(meta, source, folder) if meta is not None else None
+            except BackendError:
+                artifact = None   # a damaged entry is a miss; it is rewritten below
+            if artifact is not None:
                 cache.STATS["disk_hits"] += 1
-            except (BackendError, KeyError, TypeError, ValueError):
-                hit = None  # an unreadable entry is a miss; it is rewritten below
-        if hit is None:
+        if artifact is None:
             cache.STATS["misses"] += 1
             stages = self.stages(v)
             source, meta = self._render(v, be, stages)
             cache.STATS["renders"] += 1
-            cache.store(be.name, key, comps, source, "source" + be.suffix,
-                        {"fn_name": meta.fn_name, "params": meta.params,
-                         "loss_level": int(meta.loss_level), "tables": meta.tables,
-                         "access": meta.access})
+            folder = cache.store(be.name, key, comps, source, "source" + be.suffix,
+                                 {"fn_name": meta.fn_name, "params": meta.params,
+                                  "loss_level": int(meta.loss_level), "tables": meta.tables,
+                                  "access": meta.access})
             artifact = be.load(meta, source, folder)
         cv = CompiledVariant(meta, source, artifact, be, lambda: self.stages(v), stages)
         root = dump.dump_root(self.dump_dir)
@@ -223,13 +238,33 @@ class Compiler:
             self.dump(cv, Path(root) / self.spec.name / f"{be.name}.{v.tag()}")
         return cv
 
+    def _meta_from_disk(self, v: Variant, be: backends.Backend, meta_d: dict,
+                        source: str) -> KernelMeta | None:
+        """The KernelMeta of a cached kernel, re-derived from lossgraph's code and the verified
+        source (Note [Cache trust]); None (a miss) when meta.json disagrees with either."""
+        try:
+            level, _, access, tables = self._analysis(v.target, v.params)
+            found = GRAPH_LINE.search(source)
+            fn_name = KernelSource(None, self.spec, v, found.group(1), be.name).fn_name
+            names = set(meta_d["params"])
+            if len(names) != len(meta_d["params"]) or not set(access) <= names or \
+                    fn_name != meta_d["fn_name"] or int(meta_d["loss_level"]) != int(level):
+                return None
+            access = {n: _variant_access(v, n) or access.get(n) for n in names}
+            tables = {n: tables[n] for n in names if n in tables}
+            if None in access.values() or dict(meta_d["access"]) != access or \
+                    {k: tuple(t) for k, t in meta_d["tables"].items()} != tables:
+                return None
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+        return KernelMeta(fn_name, v, param_order(names), level, tables, access)
+
     def _render(self, v: Variant, be: backends.Backend, stages) -> tuple[str, KernelMeta]:
         fused = stages[-1][1]
         body = passes.kernel_body(fused)
         red = body.find(Op.REDUCE)[0]
         src = KernelSource(body, self.spec, v, fused.digest(), be.name)
-        access = {ld.name: ("row" if ld.comp is not None else ld.access) for ld in body.inputs()}
-        access = {k: ("elem" if k in ("pred", "target") else a) for k, a in access.items()}
+        access = _access(body)
         meta = KernelMeta(src.fn_name, v, signature(body), body.levels()[body[red].srcs[0]],
                           dict(body.tables), access)
         return be.render(src), meta

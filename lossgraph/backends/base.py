@@ -57,5 +57,11 @@ def table_tensor(meta, name: str, dtype: torch.dtype, device) -> torch.Tensor:
 
 def signature(body: Graph) -> list[str]:
     """Kernel parameter names: pred first, then the other inputs by name."""
-    names = {ld.name for ld in body.inputs()}
+    return param_order({ld.name for ld in body.inputs()})
+
+
+def param_order(names) -> list[str]:
+    """The kernel parameter order of a set of input names: pred first, then the rest by name
+    (a cached kernel's order is re-derived with this, never read from meta.json)."""
+    names = set(names)
     return ["pred"] * ("pred" in names) + sorted(names - {"pred"})

@@ -7,7 +7,6 @@ parallelizes fixed chunks of rows; libmvec vectorizes exp/log without -ffast-mat
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import json
@@ -16,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from .. import buffers, codegen
 from ..errors import BackendError
 from ..inputs import compute_dtype
 from ..ops import Level
+from . import elf
 from .base import Artifact, KernelSource, table_tensor
 from .clower import lower, scalar_loads
 
@@ -72,7 +73,9 @@ def _toolchain() -> dict:
 
     Note [Toolchain probe]: probing builds two tiny libraries (~80 ms), and `cc --version` is a
     process too; a process that only loads cached kernels should not pay for either, so the
-    answers are kept in the cache folder, keyed by the compiler's path, size and mtime."""
+    answers are kept in the cache folder, keyed by the compiler's path, size and mtime. Only a
+    full success is kept for good: a failed probe (a transient error, a full /tmp) is kept for
+    PROBE_RETRY_S only, so a later process tries again instead of using TorchScript forever."""
     from .. import cache
     cc = compiler()
     if cc is None:
@@ -81,21 +84,30 @@ def _toolchain() -> dict:
     key = cache.digest({"cc": cc, "size": st.st_size, "mtime": st.st_mtime_ns, "flags": FLAGS,
                         "machine": platform.machine(), "vec": VEC_FUNCTIONS})
     memo = cache.cache_dir() / "cpp" / f"toolchain-{key[:16]}.json"
-    try:
-        t = json.loads(memo.read_text())
-        if {"id", "ok", "vec"} <= set(t):
-            return t
-    except (OSError, ValueError):
-        pass
+    for folder in cache.readable(memo.parent):
+        try:
+            t = json.loads(cache.read(folder / memo.name) or b"")
+            if {"id", "ok", "vec", "time"} <= set(t) and (
+                    _complete(t) or time.time() - t["time"] < PROBE_RETRY_S):
+                return t
+        except (ValueError, TypeError):
+            pass
     out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     ok, vec = _run_probes(cc)
-    t = {"id": out.splitlines()[0] if out else cc, "ok": ok, "vec": vec}
-    if cache.enabled():
-        try:
-            cache.write_atomic(memo, json.dumps(t))
-        except OSError:
-            pass
+    t = {"id": out.splitlines()[0] if out else cc, "ok": ok, "vec": vec, "time": time.time()}
+    try:
+        cache.writing(memo.parent, lambda d: cache.write_atomic(d / memo.name, json.dumps(t)))
+    except OSError:
+        pass
     return t
+
+
+PROBE_RETRY_S = 600
+
+
+def _complete(t: dict) -> bool:
+    """Everything the probe can find worked (libmvec is only looked for on x86-64)."""
+    return bool(t["ok"]) and (bool(t["vec"]) or platform.machine() not in ("x86_64", "AMD64"))
 
 
 def _run_probes(cc: str) -> tuple[bool, bool]:
@@ -111,11 +123,15 @@ def _run_probes(cc: str) -> tuple[bool, bool]:
 def _try_build(cc: str, d: str, src: str) -> bool:
     c, so = os.path.join(d, "probe.c"), os.path.join(d, "probe.so")
     Path(c).write_text(src)
-    r = subprocess.run([cc, *FLAGS, c, "-o", so, "-lm"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return False
     try:
-        ctypes.CDLL(so)
+        r = subprocess.run([cc, *FLAGS, c, "-o", so, "-lm"], capture_output=True, text=True)
+        data = Path(so).read_bytes() if r.returncode == 0 else b""
+    except OSError:
+        return False
+    if not elf.complete(data):
+        return False   # a compiler that exits 0 but writes a short file must not be dlopen'ed
+    try:
+        elf.dlopen(data)
         return True
     except OSError:
         return False
@@ -149,41 +165,67 @@ def _label_ctype(dtype: str) -> str:
 
 
 def build(source: str, folder: Path, fn_name: str) -> Path:
-    """Compile source into folder/kernel.so once, even with several processes racing (a DDP start)."""
-    # named by the source's hash: dlopen caches by path, so a rebuilt kernel needs a new name
-    so = folder / f"kernel-{hashlib.sha256(source.encode()).hexdigest()[:16]}.so"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if so.exists():
-            return so
-        cc = compiler()
-        if cc is None:
-            raise BackendError("no C compiler found (set $CC or install gcc)")
-        c_file = folder / f"{fn_name}.c"
-        c_file.write_text(source)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-        os.close(fd)
-        cmd = [cc, *FLAGS, str(c_file), "-o", tmp, "-lm"]
+    """The path of source's verified shared library in folder (or the private folder that
+    stands in for it), compiled first when there is none."""
+    return library(source, folder, fn_name)[0]
+
+
+def library(source: str, folder: Path, fn_name: str) -> tuple[Path, bytes]:
+    """(path, verified bytes) of source's shared library: from the cache, or compiled once even
+    with several processes racing (a DDP start). See Note [Cache trust]."""
+    from .. import cache
+    # named by the source's hash, so one folder can hold the builds of several sources
+    name = f"kernel-{hashlib.sha256(source.encode()).hexdigest()[:16]}.so"
+    data = cache.get(Path(folder) / name)
+    if data is not None and elf.complete(data):
+        return Path(folder) / name, data
+
+    def make(where: Path) -> tuple[Path, bytes]:
+        with cache.lock(where):
+            again = cache.get(where / name)
+            if again is not None and elf.complete(again):
+                return where / name, again
+            cache.set_aside(where / name)   # damaged, or never finished
+            image = _compile(source, where, fn_name)
+            cache.put(where / name, image)
+            return where / name, image
+    return cache.writing(Path(folder), make)
+
+
+def _compile(source: str, folder: Path, fn_name: str) -> bytes:
+    """Run the C compiler into a temporary file of folder; the bytes of a complete library."""
+    cc = compiler()
+    if cc is None:
+        raise BackendError("no C compiler found (set $CC or install gcc)")
+    c_file = folder / f"{fn_name}.c"
+    c_file.write_text(source)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [cc, *FLAGS, str(c_file), "-o", tmp, "-lm"]
+    try:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)
-            log = " ".join(cmd) + "\n" + r.stdout + r.stderr
-            ok = r.returncode == 0
+            log, ok = " ".join(cmd) + "\n" + r.stdout + r.stderr, r.returncode == 0
         except OSError as e:
             log, ok = f"{' '.join(cmd)}\n{e}", False
         (folder / "compile.log").write_text(log)
         if not ok:
-            os.unlink(tmp)
             raise BackendError(f"the C compiler failed (log: {folder / 'compile.log'})", log)
-        os.replace(tmp, so)
-    return so
+        with open(tmp, "rb") as f:
+            data = f.read()
+    finally:
+        os.unlink(tmp)
+    if not elf.complete(data):
+        raise BackendError(f"the C compiler {cc} exited 0 but wrote {len(data)} bytes that are not "
+                           f"a complete shared library (log: {folder / 'compile.log'})", log)
+    return data
 
 
 def load(meta, source: str, folder: Path) -> Artifact:
     """Build (or reuse) the shared library of this kernel and bind its function with ctypes."""
-    so = build(source, Path(folder), meta.fn_name)
+    so, data = library(source, Path(folder), meta.fn_name)
     try:
-        lib = ctypes.CDLL(str(so))
+        lib = elf.dlopen(data)
         fn = getattr(lib, meta.fn_name)
     except (OSError, AttributeError) as e:
         raise BackendError(f"cannot load {so}: {e}") from e
@@ -191,9 +233,12 @@ def load(meta, source: str, folder: Path) -> Artifact:
     fn.argtypes = [ctypes.c_void_p] * len(_tensor_params(meta)) + [
         ctypes.c_double, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int]
-    log = Path(folder) / "compile.log"
-    info = {"library": str(so), "dump": {"compile.log": log.read_text()} if log.exists() else {}}
-    return Artifact(fn=fn, source=source, info=info)
+    log = so.parent / "compile.log"
+    try:
+        dump = {"compile.log": log.read_text()} if log.exists() else {}
+    except (OSError, ValueError):
+        dump = {}
+    return Artifact(fn=fn, source=source, info={"library": str(so), "dump": dump})
 
 
 def empty_output(shape, dtype) -> torch.Tensor:
@@ -236,7 +281,8 @@ def _helpers():
         return None
     from .. import cache
     try:
-        lib = ctypes.CDLL(str(build(HELPERS, cache.cache_dir() / "cpp" / "helpers", "helpers")))
+        _, data = library(HELPERS, cache.cache_dir() / "cpp" / "helpers", "helpers")
+        lib = elf.dlopen(data)
     except (BackendError, OSError):
         return None
     for name in ("lg_any_positive_f32", "lg_any_positive_f64"):

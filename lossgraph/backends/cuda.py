@@ -205,10 +205,7 @@ class CudaKernel:
             return self.images[target]
         kind = "cubin" if target.startswith("sm") else "ptx"
         path = self.folder / f"{self.name}.{target}.{kind}"
-        try:
-            image = path.read_bytes() if cache.enabled() else None
-        except OSError:
-            image = None
+        image = cache.get(path)   # verified against its recorded sha256 (Note [Cache trust])
         if not image:
             try:
                 image, ptx, log = nvrtc.compile_with_ptx(self.source, target, f"{self.name}.cu")
@@ -225,8 +222,11 @@ class CudaKernel:
         return image
 
     def _write(self, name: str, data) -> None:
-        if cache.enabled():
-            cache.write_atomic(self.folder / name, data)
+        write = cache.put if isinstance(data, bytes) else cache.write_atomic
+        try:
+            cache.writing(self.folder, lambda d: write(d / name, data))
+        except OSError:
+            pass   # the image is in memory; the cache is an optimization
 
     def launcher(self, device: torch.device):
         """The module of this kernel on `device` (tests substitute an emulator here)."""

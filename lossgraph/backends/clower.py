@@ -157,6 +157,7 @@ class CKernel:
     tables: dict[str, tuple] = field(default_factory=dict)
     hot: Hot | None = None
     nbuf: int = 0                             # row buffers (K values of T each) the cpp loops use
+    guard: str | None = None                  # a row with this false has loss 0 and gradient 0
 
 
 def _load(ld: Load, flat: bool) -> str:
@@ -254,9 +255,51 @@ def lower(body: Graph, v: Variant, name: str, buffers: bool = False) -> CKernel:
             {i for i in g.ids() if g[i].op in (Op.CONST, Op.INPUT) or i in sch.row_after}
         split = _split_final(g, v, sch, hot, mode, known, bufs)
     epilogue, total = _epilogue(g, sch, red)
+    guard = _guard(g, v, sch, mode) if not sch.flat else None
     return CKernel(name, _params(g), scalar, row_pre, passes, final, sch.flat, mode,
                    expr[loss_node], expr[grad_node] if grad_node is not None else None,
-                   epilogue, total, dict(g.tables), split, len(bufs.slot))
+                   epilogue, total, dict(g.tables), split, len(bufs.slot), guard)
+
+
+def _guard(g: Graph, v: Variant, sch: Schedule, mode: str) -> str | None:
+    """Note [Skipped rows]: a per-row condition c (known before any k-loop) such that with c
+    false the row's loss term and its whole gradient fold to 0, e.g. SeesawLoss's class part on
+    background rows. The cpp skeleton then writes the zeros and skips the row's k-loops, so the
+    time falls with the share of such rows. A product 0 * w counts as 0 when w does not depend
+    on pred (a weight, 1 / avg_factor): MMDetection selects those rows before weighting, so an
+    inf or NaN weight there never reached its sum either."""
+    outs = g.outputs()
+    for c in g.topo():
+        if g.kind(c) != "b" or sch.levels[c] is not Level.ROW or sch.row_after.get(c) != 0 or \
+                not any(g[u].op is Op.WHERE and g[u].srcs[0] == c for u in g.users(c)):
+            continue
+        h = _specialized(g, v, c, False)
+        lv = h.levels()
+        if mode.startswith("acc"):
+            loss = h[h.find(Op.REDUCE)[0]].srcs[0]
+        else:
+            loss = h[h.outputs()["loss"]].srcs[0]
+        roots = [loss] + ([h[h.outputs()["grad"]].srcs[0]] if "grad" in outs else [])
+        if all(_is_zero(h, lv, i) for i in roots):
+            return f"v{c}"
+    return None
+
+
+def _is_zero(h: Graph, lv, i: int) -> bool:
+    """0, or 0 times a value that does not depend on any element (see Note [Skipped rows])."""
+    n = h[i]
+    if n.op is Op.CONST:
+        return n.arg == 0.0 and not isinstance(n.arg, bool)
+    if n.op in (Op.MUL, Op.WEIGHT):
+        a, b = n.srcs
+        return (_is_zero(h, lv, a) and _elem_free(h, lv, b)) or \
+            (_is_zero(h, lv, b) and _elem_free(h, lv, a))
+    return False
+
+
+def _elem_free(h: Graph, lv, i: int) -> bool:
+    """True when no element value (pred, a reduction's operand) feeds node i."""
+    return all(lv[j] is not Level.ELEM for j in h.ancestors(i) | {i})
 
 
 def _final_roots(g: Graph) -> list[int]:
@@ -429,6 +472,8 @@ def _gather(g, v, sch, hot, r) -> tuple[str, list[str], str] | None:
         if src0 is None or h0[src0].op is not Op.CONST or h0[src0].arg != 0.0:
             continue
         h1 = _specialized(g, v, test, True)
+        if r not in h1:
+            continue
         lv = h1.levels()
         e, d = render_nodes(h1, lv, False)
         x1 = h1[r].srcs[0]

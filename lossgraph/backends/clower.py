@@ -209,7 +209,13 @@ def render_nodes(g: Graph, levels: dict[int, Level], flat: bool) -> tuple[dict, 
             text = ("(i % K)" if flat else "k") if n.op is Op.IOTA else C[n.op].format(*args)
             if n.op is Op.LOG1P and _exp_of_negative(g, n.srcs[0]):
                 text = f"lg_log1p01({args[0]})"
-            expr[i], decl[i] = name, f"const {CTYPE[kinds[i]]} {name} = {text};"
+            ctype = CTYPE[kinds[i]]
+            if n.op is Op.IOTA:
+                # Note [32-bit class index]: k compared with a float (k < num_classes, DFL's
+                # k == bin) converts it per element; AVX2 has no vector int64 -> float, so a
+                # long long k kept those loops scalar. A row has far fewer than 2^31 columns.
+                ctype, text = "int", f"(int){text}"
+            expr[i], decl[i] = name, f"const {ctype} {name} = {text};"
     return expr, decl
 
 
@@ -471,12 +477,13 @@ def _gather(g, v, sch, hot, r) -> tuple[str, list[str], str] | None:
         src0 = h0[r].srcs[0] if r in h0 else None
         if src0 is None or h0[src0].op is not Op.CONST or h0[src0].arg != 0.0:
             continue
-        h1 = _specialized(g, v, test, True)
-        if r not in h1:
-            continue
+        h1 = g.copy()
+        keep = h1.add(Op.OUTPUT, (x,), "_gathered")   # x's value at k == idx, even where the
+        h1.replace(test, Node(Op.CONST, (), True))     # rest of that specialization is dead
+        h1 = specialize(h1, v)
         lv = h1.levels()
         e, d = render_nodes(h1, lv, False)
-        x1 = h1[r].srcs[0]
+        x1 = h1[keep].srcs[0]
         known = {i for i in g.ids() if i in sch.row_after or sch.levels[i] is Level.SCALAR}
         idx = f"v{label}" if g.kind(label) == "i" else \
             f"((v{label} >= 0 && v{label} < K && v{label} == LG_FLOOR(v{label})) ? " \

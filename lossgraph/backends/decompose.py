@@ -73,7 +73,9 @@ def stable_lse(body: Graph) -> Graph:
     """Note [Stable logsumexp]: every row logsumexp L = m + log(s), m = rowmax(x),
     s = rowsum(exp(x - m)), is rewritten so that no large terms cancel where L is subtracted:
     a - L becomes (a - m) - log(s) (log_softmax, softmax's exp(x - L)) and L - b becomes
-    log(s) - (b - m) (a cross-entropy). With L formed first, a row [1e30, 1e30, 1e30] gave
+    log(s) - (b - m) (a cross-entropy), and exp(x - L) (softmax, the gradient of L) becomes
+    exp(x - m) / s, torch's softmax form, whose exponentials are the row sum's own terms (the cpp
+    kernel keeps them in a row buffer, Note [Row buffers]). With L formed first, a row [1e30, 1e30, 1e30] gave
     1e30 - 1e30 = 0 instead of log(3), and the relative error grew with |x| from 2^16 up.
     The shift is the raw max, as torch's log_softmax uses it: a row with +inf or with only -inf
     gives NaN (F.cross_entropy's value). Any other use of L keeps torch.logsumexp's value:

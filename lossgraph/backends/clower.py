@@ -20,10 +20,12 @@ from .decompose import decompose
 # -- scheduling -----------------------------------------------------------------------------------
 
 
-def elem_closure(g: Graph, roots, levels: dict[int, Level], through=lambda i: False) -> set[int]:
+def elem_closure(g: Graph, roots, levels: dict[int, Level], through=lambda i: False,
+                 stop=frozenset()) -> set[int]:
     """The element-level nodes the roots need within one k-loop: the walk stops at per-row and
     per-call values (computed outside the loop, e.g. a row reduction's result), unless
-    `through(node)` says the loop must compute that node itself."""
+    `through(node)` says the loop must compute that node itself; nodes in `stop` are included
+    but not walked through (their value comes from a row buffer)."""
     seen: set[int] = set()
     stack = [r for r in roots if r is not None]
     while stack:
@@ -31,7 +33,8 @@ def elem_closure(g: Graph, roots, levels: dict[int, Level], through=lambda i: Fa
         if i in seen or not (levels.get(i) is Level.ELEM or through(i)):
             continue
         seen.add(i)
-        stack.extend(g[i].srcs)
+        if i not in stop:
+            stack.extend(g[i].srcs)
     return seen
 
 
@@ -108,6 +111,16 @@ def literal(v) -> str:
     return f"((T){float(v)!r})"
 
 
+def dliteral(v) -> str:
+    """A double literal that is valid C and CUDA for every float, inf and NaN included."""
+    v = float(v)
+    if math.isnan(v):
+        return "((double)LG_NAN)"
+    if math.isinf(v):
+        return "((double)LG_INF)" if v > 0 else "(-(double)LG_INF)"
+    return repr(v)
+
+
 @dataclass
 class Hot:
     """Note [One-hot split]: when every use of the class index k in a row goes through one test
@@ -143,6 +156,8 @@ class CKernel:
     total: str                                # the final loss value (double)
     tables: dict[str, tuple] = field(default_factory=dict)
     hot: Hot | None = None
+    nbuf: int = 0                             # row buffers (K values of T each) the cpp loops use
+    guard: str | None = None                  # a row with this false has loss 0 and gradient 0
 
 
 def _load(ld: Load, flat: bool) -> str:
@@ -194,7 +209,13 @@ def render_nodes(g: Graph, levels: dict[int, Level], flat: bool) -> tuple[dict, 
             text = ("(i % K)" if flat else "k") if n.op is Op.IOTA else C[n.op].format(*args)
             if n.op is Op.LOG1P and _exp_of_negative(g, n.srcs[0]):
                 text = f"lg_log1p01({args[0]})"
-            expr[i], decl[i] = name, f"const {CTYPE[kinds[i]]} {name} = {text};"
+            ctype = CTYPE[kinds[i]]
+            if n.op is Op.IOTA:
+                # Note [32-bit class index]: k compared with a float (k < num_classes, DFL's
+                # k == bin) converts it per element; AVX2 has no vector int64 -> float, so a
+                # long long k kept those loops scalar. A row has far fewer than 2^31 columns.
+                ctype, text = "int", f"(int){text}"
+            expr[i], decl[i] = name, f"const {ctype} {name} = {text};"
     return expr, decl
 
 
@@ -207,8 +228,9 @@ def _exp_of_negative(g: Graph, i: int) -> bool:
     return m.op is Op.NEG and g[m.srcs[0]].op is Op.ABS
 
 
-def lower(body: Graph, v: Variant, name: str) -> CKernel:
-    """Decompose, schedule and render the fused body into C statements."""
+def lower(body: Graph, v: Variant, name: str, buffers: bool = False) -> CKernel:
+    """Decompose, schedule and render the fused body into C statements; `buffers` keeps
+    transcendental element values of a row from one k-loop to the next (the cpp skeleton)."""
     g = decompose(body, v)
     sch = schedule(g)
     expr, decl = render_nodes(g, sch.levels, sch.flat)
@@ -218,11 +240,15 @@ def lower(body: Graph, v: Variant, name: str) -> CKernel:
     pre = g[red].srcs[0]
     order = g.topo()
     hot = _hot_test(g, sch)
+    bufs = _buffers(g, sch, hot) if buffers and not sch.flat else Buffers({}, {})
     scalar = [decl[i] for i in order if i in decl and sch.levels[i] is Level.SCALAR]
     row_pre = [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW and
                sch.row_after[i] == 0]
-    passes = [_pass(g, v, sch, p, expr, decl, hot) for p in range(1, sch.npasses + 1)]
-    final = [decl[i] for i in order if sch.final and i in sch.elem_in[sch.final] and i in decl]
+    passes = [_pass(g, v, sch, p, expr, decl, hot, bufs) for p in range(1, sch.npasses + 1)]
+    final = []
+    if sch.final:
+        need = bufs.closure(g, sch, sch.final, _final_roots(g))
+        final = bufs.stmts(order, need, decl, sch.final)
     if g[red].arg == "none":
         mode = "store_elem" if sch.levels[loss_root] is Level.ELEM else "store_row"
     else:
@@ -233,11 +259,122 @@ def lower(body: Graph, v: Variant, name: str) -> CKernel:
     if hot is not None and sch.final:
         known = {i for i in decl if sch.levels[i] in (Level.ROW, Level.SCALAR)} | \
             {i for i in g.ids() if g[i].op in (Op.CONST, Op.INPUT) or i in sch.row_after}
-        split = _split_final(g, v, sch, hot, mode, known)
+        split = _split_final(g, v, sch, hot, mode, known, bufs)
     epilogue, total = _epilogue(g, sch, red)
+    guard = _guard(g, v, sch, mode) if not sch.flat else None
     return CKernel(name, _params(g), scalar, row_pre, passes, final, sch.flat, mode,
                    expr[loss_node], expr[grad_node] if grad_node is not None else None,
-                   epilogue, total, dict(g.tables), split)
+                   epilogue, total, dict(g.tables), split, len(bufs.slot), guard)
+
+
+def _guard(g: Graph, v: Variant, sch: Schedule, mode: str) -> str | None:
+    """Note [Skipped rows]: a per-row condition c (known before any k-loop) such that with c
+    false the row's loss term and its whole gradient fold to 0, e.g. SeesawLoss's class part on
+    background rows. The cpp skeleton then writes the zeros and skips the row's k-loops, so the
+    time falls with the share of such rows. A product 0 * w counts as 0 when w does not depend
+    on pred (a weight, 1 / avg_factor): MMDetection selects those rows before weighting, so an
+    inf or NaN weight there never reached its sum either."""
+    outs = g.outputs()
+    for c in g.topo():
+        if g.kind(c) != "b" or sch.levels[c] is not Level.ROW or sch.row_after.get(c) != 0 or \
+                not any(g[u].op is Op.WHERE and g[u].srcs[0] == c for u in g.users(c)):
+            continue
+        h = _specialized(g, v, c, False)
+        lv = h.levels()
+        if mode.startswith("acc"):
+            loss = h[h.find(Op.REDUCE)[0]].srcs[0]
+        else:
+            loss = h[h.outputs()["loss"]].srcs[0]
+        roots = [loss] + ([h[h.outputs()["grad"]].srcs[0]] if "grad" in outs else [])
+        if all(_is_zero(h, lv, i) for i in roots):
+            return f"v{c}"
+    return None
+
+
+def _is_zero(h: Graph, lv, i: int) -> bool:
+    """0, or 0 times a value that does not depend on any element (see Note [Skipped rows])."""
+    n = h[i]
+    if n.op is Op.CONST:
+        return n.arg == 0.0 and not isinstance(n.arg, bool)
+    if n.op in (Op.MUL, Op.WEIGHT):
+        a, b = n.srcs
+        return (_is_zero(h, lv, a) and _elem_free(h, lv, b)) or \
+            (_is_zero(h, lv, b) and _elem_free(h, lv, a))
+    return False
+
+
+def _elem_free(h: Graph, lv, i: int) -> bool:
+    """True when no element value (pred, a reduction's operand) feeds node i."""
+    return all(lv[j] is not Level.ELEM for j in h.ancestors(i) | {i})
+
+
+def _final_roots(g: Graph) -> list[int]:
+    """The values the last k-loop produces: the outputs and the reduction's operand."""
+    outs = g.outputs()
+    return [g[o].srcs[0] for o in outs.values()] + [g[r].srcs[0] for r in g.find(Op.REDUCE)]
+
+
+# Note [Row buffers]: a row's k-loops are separate passes (a reduction must finish before the
+# values that need it), and each recomputed every element value it needed, so a softmax paid
+# exp(x - m) twice per element (in the row sum, then in the gradient). The cpp skeleton keeps a
+# transcendental element value that a later k-loop needs in a per-chunk buffer of K values:
+# computed once, stored in the pass that first needs it, loaded in the later ones (the row is
+# in L1 for every row size that matters). The stored value is the same T, so results do not
+# change. CUDA kernels recompute (a warp holds no row buffer), as before.
+TRANSCENDENTAL = (Op.EXP, Op.LOG, Op.LOG1P, Op.POW, Op.ATAN, Op.ASIN, Op.COS, Op.SIN, Op.TANH,
+                  Op.SQRT)
+
+
+@dataclass
+class Buffers:
+    """Buffered element nodes: their slot in the row buffer and the pass that computes them."""
+
+    slot: dict[int, int]
+    producer: dict[int, int]
+
+    def before(self, q: int) -> frozenset:
+        """Buffered nodes computed in a pass before q (loaded there, not recomputed)."""
+        return frozenset(i for i, p in self.producer.items() if p < q)
+
+    def closure(self, g: Graph, sch: Schedule, q: int, roots) -> set[int]:
+        """Element nodes k-loop q computes or loads."""
+        return elem_closure(g, roots, sch.levels, stop=self.before(q))
+
+    def stmts(self, order, need, decl, q: int) -> list[str]:
+        """Declarations of k-loop q; buffered values are stored where produced, else loaded."""
+        out = []
+        for i in order:
+            if i not in need or i not in decl:
+                continue
+            if i in self.slot and self.producer[i] < q:
+                out.append(f"const T v{i} = lg_buf[{self.slot[i]} * K + k];")
+                continue
+            out.append(decl[i])
+            if i in self.slot and self.producer[i] == q:
+                out.append(f"lg_buf[{self.slot[i]} * K + k] = v{i};")
+        return out
+
+
+def _buffers(g: Graph, sch: Schedule, hot) -> Buffers:
+    """Transcendental element values a later k-loop of the same row needs again."""
+    test = hot[0] if hot is not None else None
+    producer: dict[int, int] = {}
+    for p in range(1, sch.npasses + 1):
+        roots = [g[r].srcs[0] for r in sch.reductions.get(p, [])]
+        for i in elem_closure(g, roots, sch.levels, stop=frozenset(producer)):
+            if i not in producer and g[i].op in TRANSCENDENTAL and g.kind(i) == "f" and \
+                    (test is None or test not in g.ancestors(i)):
+                producer[i] = p
+    used: set[int] = set()
+    later = [(q, [g[r].srcs[0] for r in sch.reductions.get(q, [])])
+             for q in range(2, sch.npasses + 1)]
+    if sch.final:
+        later.append((sch.final, _final_roots(g)))
+    for q, roots in later:
+        stop = frozenset(i for i, p in producer.items() if p < q)
+        used |= elem_closure(g, roots, sch.levels, stop=stop) & stop
+    keep = sorted(used)
+    return Buffers({i: n for n, i in enumerate(keep)}, {i: producer[i] for i in keep})
 
 
 def _hot_test(g: Graph, sch: Schedule) -> tuple[int, int] | None:
@@ -264,11 +401,18 @@ def _specialized(g: Graph, v: Variant, test: int, value: bool) -> Graph:
     return specialize(h, v)
 
 
-def _elem_stmts(h: Graph, roots: list[int], levels, decl, known: set[int]) -> list[str]:
+def _elem_stmts(h: Graph, roots: list[int], levels, decl, known: set[int],
+                stop=frozenset()) -> list[str]:
     """Declarations the roots need inside the k loop: element-level nodes, plus any node the
     specialization created that the row and scalar sections of the original graph lack."""
-    need = elem_closure(h, roots, levels, through=lambda i: i not in known)
+    need = elem_closure(h, roots, levels, through=lambda i: i not in known, stop=stop)
     return [decl[i] for i in h.topo() if i in need and i in decl]
+
+
+def _decls(h: Graph, decl: dict, lines: list[str]) -> list[tuple[int, str]]:
+    """(node, line) for declaration lines of h, in order."""
+    back = {line: i for i, line in decl.items()}
+    return [(back.get(line, -1), line) for line in lines]
 
 
 def _roots(h: Graph, mode: str) -> tuple[int | None, int | None]:
@@ -280,7 +424,7 @@ def _roots(h: Graph, mode: str) -> tuple[int | None, int | None]:
     return loss, (h[outs["grad"]].srcs[0] if "grad" in outs else None)
 
 
-def _split_final(g, v, sch, hot, mode, known) -> Hot:
+def _split_final(g, v, sch, hot, mode, known, bufs) -> Hot:
     """The final k-loop's statements with the test false (k != y) and true (k == y)."""
     test, label = hot
     parts = []
@@ -290,13 +434,18 @@ def _split_final(g, v, sch, hot, mode, known) -> Hot:
         e, d = render_nodes(h, lv, False)
         loss, grad = _roots(h, mode)
         roots = [n for n in (loss, grad) if n is not None]
-        parts.append((_elem_stmts(h, roots, lv, d, known), e.get(loss, ""),
+        stop = bufs.before(sch.final) if not value else frozenset()
+        body = _elem_stmts(h, roots, lv, d, known, stop)
+        if stop:
+            body = [f"const T v{i} = lg_buf[{bufs.slot[i]} * K + k];" if i in stop and
+                    line == d.get(i) else line for i, line in _decls(h, d, body)]
+        parts.append((body, e.get(loss, ""),
                       e[grad] if grad is not None else None))
     (b0, l0, g0), (b1, l1, g1) = parts
     return Hot(f"v{label}", b0, l0, g0, b1, l1, g1)
 
 
-def _pass(g, v, sch, p, expr, decl, hot) -> dict:
+def _pass(g, v, sch, p, expr, decl, hot, bufs) -> dict:
     """One k-loop pass; a row sum of a value that is zero off the hot column becomes a gather."""
     order = g.topo()
     reds, gathers = [], []
@@ -307,32 +456,58 @@ def _pass(g, v, sch, p, expr, decl, hot) -> dict:
         else:
             reds.append((f"v{r}", g[r].op.value, expr[g[r].srcs[0]]))
     gathered = {name for name, *_ in gathers}
-    need = elem_closure(g, [g[r].srcs[0] for r in sch.reductions.get(p, [])
-                            if f"v{r}" not in gathered], sch.levels)
-    return {"stmts": [decl[i] for i in order if i in need and i in decl], "reds": reds,
+    need = bufs.closure(g, sch, p, [g[r].srcs[0] for r in sch.reductions.get(p, [])
+                                    if f"v{r}" not in gathered])
+    return {"stmts": bufs.stmts(order, need, decl, p), "reds": reds,
             "gathers": gathers,
             "row_post": [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW
                          and sch.row_after[i] == p]}
 
 
 def _gather(g, v, sch, hot, r) -> tuple[str, list[str], str] | None:
-    """(label, statements at k == label, value) when rowsum's operand is 0 off the hot column."""
-    if hot is None:
-        return None
-    test, label = hot
+    """(label, statements at k == label, value) when rowsum's operand is 0 off one column.
+
+    Note [Gathers]: take(x, idx) is rowsum(where(k == idx, x, 0)); when setting that one test
+    false folds the operand to 0, the row sum is the value at column idx: one load instead of a
+    k-loop. idx may be any per-row value (DFL's two float bin indices too); a float index that is
+    not a whole number in [0, K) matches no column, so the label expression maps it to -1."""
     x = g[r].srcs[0]
-    if test not in g.ancestors(x):
-        return None
-    h0 = _specialized(g, v, test, False)
-    src0 = h0[r].srcs[0] if r in h0 else None
-    if src0 is None or h0[src0].op is not Op.CONST or h0[src0].arg != 0.0:
-        return None
-    h1 = _specialized(g, v, test, True)
-    lv = h1.levels()
-    e, d = render_nodes(h1, lv, False)
-    x1 = h1[r].srcs[0]
-    known = {i for i in g.ids() if i in sch.row_after or sch.levels[i] is Level.SCALAR}
-    return (f"v{label}", _elem_stmts(h1, [x1], lv, d, known), e[x1])
+    for test, label in _index_tests(g, sch, x, hot):
+        h0 = _specialized(g, v, test, False)
+        src0 = h0[r].srcs[0] if r in h0 else None
+        if src0 is None or h0[src0].op is not Op.CONST or h0[src0].arg != 0.0:
+            continue
+        h1 = g.copy()
+        keep = h1.add(Op.OUTPUT, (x,), "_gathered")   # x's value at k == idx, even where the
+        h1.replace(test, Node(Op.CONST, (), True))     # rest of that specialization is dead
+        h1 = specialize(h1, v)
+        lv = h1.levels()
+        e, d = render_nodes(h1, lv, False)
+        x1 = h1[keep].srcs[0]
+        known = {i for i in g.ids() if i in sch.row_after or sch.levels[i] is Level.SCALAR}
+        idx = f"v{label}" if g.kind(label) == "i" else \
+            f"((v{label} >= 0 && v{label} < K && v{label} == LG_FLOOR(v{label})) ? " \
+            f"(long long)v{label} : -1LL)"
+        return (idx, _elem_stmts(h1, [x1], lv, d, known), e[x1])
+    return None
+
+
+def _index_tests(g: Graph, sch: Schedule, x: int, hot) -> list[tuple[int, int]]:
+    """(test, index) for every k == index test x depends on, index a per-row value; the hot
+    test first."""
+    if hot is not None and hot[0] in g.ancestors(x):
+        return [hot]
+    out = []
+    for t in sorted(g.ancestors(x) | {x}):
+        n = g[t]
+        if n.op is not Op.EQ:
+            continue
+        a, b = n.srcs
+        if g[b].op is Op.IOTA:
+            a, b = b, a
+        if g[a].op is Op.IOTA and sch.levels.get(b) is Level.ROW:
+            out.append((t, b))
+    return out
 
 
 def _epilogue(g: Graph, sch: Schedule, red: int) -> tuple[list[str], str]:
@@ -345,7 +520,7 @@ def _epilogue(g: Graph, sch: Schedule, red: int) -> tuple[list[str], str]:
         if n.op is Op.REDUCE:
             rhs = "lg_total" if n.arg == "sum" else "lg_total / denom"
         elif n.op is Op.SCALE:
-            rhs = f"t{n.srcs[0]} * {float(n.arg)!r}"
+            rhs = f"t{n.srcs[0]} * {dliteral(n.arg)}"
         else:
             raise NotImplementedError(f"{n.op.value} after the reduction")
         lines.append(f"const double t{i} = {rhs};")

@@ -151,7 +151,7 @@ def components(v) -> dict:
 def render(src: KernelSource) -> str:
     """Render the fused body as a C kernel computing the loss and gradient in one pass."""
     v = src.variant
-    k = lower(src.body, v, src.fn_name)
+    k = lower(src.body, v, src.fn_name, buffers=True)
     return codegen.render("cpp/kernel.c.j2", header=src.header("//"), k=k,
                           double=v.dtype == "float64", label_type=_label_ctype(v.label_dtype),
                           vecmath=_probe()[1], vec_functions=VEC_FUNCTIONS, chunk=CHUNK,

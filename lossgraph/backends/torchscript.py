@@ -16,6 +16,7 @@ from .. import codegen
 from ..ir import Graph, Load
 from ..ops import Level, Op
 from ..inputs import compute_dtype
+from .decompose import stable_lse
 from .base import Artifact, KernelSource, signature, table_tensor
 
 TORCH: dict[Op, str] = {
@@ -171,7 +172,7 @@ def _expr(body: Graph, i: int, names: dict[int, str]) -> str:
 
 def render(src: KernelSource) -> str:
     """Render the fused body as TorchScript source computing (loss, grad) in one function."""
-    body = src.body
+    body = stable_lse(src.body)   # Note [Stable logsumexp]
     names: dict[int, str] = {}
     lines: list[str] = []
     levels, dims, kinds = body.levels(), _dims(body), body.kinds()

@@ -35,8 +35,8 @@ from ..config import check_reduction, parse
 from ..inputs import (FLOATS, INTS, Exact, check_label_range, check_pred, compute_dtype, fail,
                       target_form)
 from ..registry import register_loss
-from ..symbolic import (class_index, clamp, exp, log, logsumexp, rowmax, rowsum, stop_gradient,
-                        take, where)
+from ..symbolic import (class_index, clamp, exp, log, logsumexp, maximum, rowmax, rowsum,
+                        stop_gradient, take, where)
 from .ghm import count_values
 
 FORWARD = ("cls_score", "labels", "label_weights=None", "avg_factor=None",
@@ -185,27 +185,38 @@ def seesaw_loss(pred, target, use_sigmoid: bool = False, p: float = 0.8, q: floa
 
     z' = z + log(M * K) off the label column (see the module docstring); the objectness columns
     are masked out with -inf. M and K carry no gradient (counts; a detached softmax).
+
+    Note [Seesaw in the log domain]: log(M * K) is formed as p log(N_j / N_y) + q (log s_j -
+    log max(s_y, eps)) with log s_j = (z_j - max z) - log sum exp(z - max z): one log per element
+    where MMDetection's form takes a pow for M, a softmax division and a pow for K, and a log of
+    their product; the two agree to float rounding (and K's test s_j / max(s_y, eps) > 1 is the
+    same test on the logs).
+
+    Note [Seesaw background rows]: MMDetection computes the class part on the selected positive
+    rows only, so a background row's logits never enter it: pred is replaced by 0 there, the
+    row's loss and gradient fold to 0 and the cpp kernel skips the row (Note [Skipped rows]).
     """
     check(not use_sigmoid, "use_sigmoid=True is not supported: SeesawLoss is a softmax loss",
           ConfigAssertion)
     check(num_classes >= 1, f"num_classes must be a positive integer, got {num_classes}")
+    pos = target < num_classes
+    x = where(pos, pred, 0.0)   # Note [Seesaw background rows]
     k = class_index(pred)
-    z = where(k < num_classes, pred, -math.inf)
-    factor = None
+    z = where(k < num_classes, x, -math.inf)
+    log_factor = None
     if p > 0:       # mitigation: (N_j / N_y)^p where class j has fewer samples than the label y
         counts = clamp(col_input(CUM), min=1.0)
         ratio = counts / take(counts, target)
-        factor = where(ratio < 1.0, ratio ** p, 1.0)
+        log_factor = where(ratio < 1.0, p * log(ratio), 0.0)
     if q > 0:       # compensation: (s_j / max(s_y, eps))^q where class j scores above the label
         zd = stop_gradient(z)
         top = rowmax(zd)
-        e = exp(zd - top)
-        total = rowsum(e)
-        s_y = exp(take(zd, target) - top) / total   # softmax at y, as the element formula gives it
-        ratio = e / total / clamp(s_y, min=eps)
-        comp = where(ratio > 1.0, ratio ** q, 1.0)
-        factor = comp if factor is None else factor * comp
-    if factor is not None:
-        z = where(k == target, z, z + log(factor))
-    nll = logsumexp(z) - take(pred, target)
-    return where(target < num_classes, nll, 0.0)
+        log_total = log(rowsum(exp(zd - top)))
+        log_s_y = maximum(take(zd, target) - top - log_total, math.log(eps))
+        log_ratio = (zd - top - log_total) - log_s_y
+        comp = where(log_ratio > 0.0, q * log_ratio, 0.0)
+        log_factor = comp if log_factor is None else log_factor + comp
+    if log_factor is not None:
+        z = where(k == target, z, z + log_factor)
+    nll = logsumexp(z) - take(x, target)
+    return where(pos, nll, 0.0)

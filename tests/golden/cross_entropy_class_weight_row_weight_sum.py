@@ -11,28 +11,32 @@ from typing import Tuple
 
 def crossentropyloss_b4ac2375f4(pred: Tensor, class_weight: Tensor, label: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     cdt = pred.dtype
-    v0 = torch.logsumexp(pred, -1, keepdim=True)
-    v1 = torch.arange(pred.shape[-1], device=pred.device)
-    v2 = v1 == label
-    v3 = torch.where(v2, pred, 0.0)
-    v4 = torch.sum(v3, -1, keepdim=True)
-    v5 = v4.neg_().add_(v0)
-    v6 = torch.where(v2, class_weight, 0.0)
-    v7 = torch.sum(v6, -1, keepdim=True)
-    v8 = v5.mul_(v7)
-    v9 = label != -100.0
-    v10 = torch.where(v9, v8, 0.0)
-    v11 = v10.mul_(weight)
-    v12 = torch.sum(v11)
-    v13 = v12 * 2.0
-    v14 = 2.0 * weight
-    v15 = torch.where(v9, v14, 0.0)
-    v16 = v15.mul_(v7)
-    v17 = -v16
-    v18 = torch.where(v2, v17, 0.0)
-    v19 = pred - v0
-    v20 = v19.exp_()
-    v21 = v20.mul_(v16)
-    v22 = v18.add_(v21)
-    grad = (v22).to(pred.dtype)
-    return v13, grad
+    v0 = torch.arange(pred.shape[-1], device=pred.device)
+    v1 = v0 == label
+    v2 = torch.where(v1, pred, 0.0)
+    v3 = torch.sum(v2, -1, keepdim=True)
+    v4 = torch.where(v1, class_weight, 0.0)
+    v5 = torch.sum(v4, -1, keepdim=True)
+    v6 = label != -100.0
+    v7 = 2.0 * weight
+    v8 = torch.where(v6, v7, 0.0)
+    v9 = v8.mul_(v5)
+    v10 = -v9
+    v11 = torch.where(v1, v10, 0.0)
+    v12 = torch.amax(pred, -1, keepdim=True)
+    v13 = pred - v12
+    v14 = v13.exp_()
+    v15 = torch.sum(v14, -1, keepdim=True)
+    v16 = v14.div_(v15)
+    v17 = v16.mul_(v9)
+    v18 = v11.add_(v17)
+    v19 = v15.log_()
+    v20 = v3.sub_(v12)
+    v21 = v19.sub_(v20)
+    v22 = v21.mul_(v5)
+    v23 = torch.where(v6, v22, 0.0)
+    v24 = v23.mul_(weight)
+    v25 = torch.sum(v24)
+    v26 = v25 * 2.0
+    grad = (v18).to(pred.dtype)
+    return v26, grad

@@ -24,7 +24,7 @@ from .. import codegen
 from ..errors import BackendError
 from ..inputs import compute_dtype
 from ..ops import Level
-from .base import Artifact, KernelSource, table_tensor
+from .base import Artifact, KernelSource, check_call, table_tensor
 from .clower import lower, scalar_loads
 
 SUFFIX = ".c"
@@ -291,6 +291,7 @@ def run(artifact: Artifact, call, meta):
     Note [Half precision on the CPU]: float16/bfloat16 inputs are converted to float32 here and
     the gradient is converted back, so the kernel itself is float32 or float64 only.
     """
+    check_call(call, meta, "cpp", "cpu", available)   # Note [Device guard]
     compute = compute_dtype(call.pred.dtype)
     pred = _contig(call.pred, compute)
     R, K = call.rows, call.width

@@ -43,7 +43,7 @@ from ..errors import BackendError, InputError
 from ..inputs import compute_dtype
 from ..ops import Level
 from . import nvrtc
-from .base import Artifact, KernelSource
+from .base import Artifact, KernelSource, check_call
 from .clower import literal, lower, scalar_loads
 
 SUFFIX = ".cu"
@@ -304,6 +304,7 @@ def fused(kern: CudaKernel, pred: torch.Tensor, inputs: list[torch.Tensor],
 
 def run(artifact: Artifact, call, meta):
     """Run the kernel on pred's device and current stream; returns (loss, grad or None)."""
+    check_call(call, meta, "cuda", "cuda", available)   # Note [Device guard]
     kern: CudaKernel = artifact.info["kernel"]
     pred, inputs = prepare(call, kern)
     denom, value = denominator(call, pred.device)

@@ -10,8 +10,9 @@ of the clone runs, just as running from inside the clone would.
 """
 import os as _os
 
-__path__ = [_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "lossgraph")]
-__file__ = _os.path.join(__path__[0], "__init__.py")
-with open(__file__, encoding="utf-8") as _f:
-    exec(compile(_f.read(), __file__, "exec"))
-del _f
+if __name__ == "lossgraph":   # imported under another name (a differently named clone): inert
+    __path__ = [_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "lossgraph")]
+    __file__ = _os.path.join(__path__[0], "__init__.py")
+    with open(__file__, encoding="utf-8") as _f:
+        exec(compile(_f.read(), __file__, "exec"))
+    del _f

@@ -18,6 +18,8 @@ from .errors import BackendError
 from .ops import Level, Op
 
 VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(Variant))
+# The device type each native backend is built for (TorchScript runs on any device).
+NATIVE_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
 
 
 @dataclass
@@ -101,11 +103,14 @@ class Compiler:
         once: every backend computes MMDetection's numbers, so this keeps a model portable where
         an error would break `.to()`, and no device pointer ever reaches host code (the backends'
         own guards, backends/base.py check_call, catch any other path). Meta tensors carry no
-        data, so they go to TorchScript's shape-only result without a warning.
+        data, so they go to TorchScript's shape-only result without a warning. On its own device
+        a backend is kept even when its toolchain is missing: the build fails and falls back
+        with the compiler's log (`_index`), which says more than a device warning would.
         """
         if self.backend == "auto":
             return backends.auto(device)
-        if backends.get(self.backend).available(device):
+        if NATIVE_DEVICE.get(self.backend, device) == device or \
+                backends.get(self.backend).available(device):
             return self.backend
         return backends.auto(device)
 

@@ -113,6 +113,7 @@ class Case:
     make: Callable
     ref: Callable = mmdet_reference
     classes: tuple = (1, 2, 5, 9)
+    nonfinite: bool = False   # NaN/inf in pred (where the reference is MMDetection's there too)
 
 
 def _cls(r, g, n, c, dt, hi):
@@ -169,13 +170,13 @@ CASES = [
     Case(dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=2.0),
          lambda r, g, n, c, dt: _cls(r, g, n, c, dt, lambda c: c)),
     Case(dict(type="VarifocalLoss"), lambda r, g, n, c, dt: _dense(r, g, n, c, dt, _soft)),
-    Case(dict(type="GaussianFocalLoss"), _prob),
-    Case(dict(type="L1Loss"), _reg),
-    Case(dict(type="SmoothL1Loss", beta=0.3, loss_weight=3.0), _reg),
-    Case(dict(type="MSELoss"), _reg),
-    Case(dict(type="BalancedL1Loss"), _reg),
+    Case(dict(type="GaussianFocalLoss"), _prob, nonfinite=True),
+    Case(dict(type="L1Loss"), _reg, nonfinite=True),
+    Case(dict(type="SmoothL1Loss", beta=0.3, loss_weight=3.0), _reg, nonfinite=True),
+    Case(dict(type="MSELoss"), _reg, nonfinite=True),
+    Case(dict(type="BalancedL1Loss"), _reg, nonfinite=True),
     Case(dict(type="GIoULoss"), _box, zoo_reference),
-    Case(dict(type="CIoULoss"), _box, zoo_reference),
+    Case(dict(type="CIoULoss"), _box, zoo_reference, nonfinite=True),
     Case(dict(type="QualityFocalLoss"), _qfl, zoo_reference, classes=(2, 5, 9)),
     Case(dict(type="DistributionFocalLoss"), _dfl, zoo_reference, classes=(2, 5, 17)),
 ]
@@ -184,6 +185,13 @@ CASES = [
 PLANS = [(torch.float64, "none", True, None), (torch.float32, "mean", True, "tensor"),
          (torch.float64, None, False, "float"), (torch.float32, "sum", True, None)]
 ROWS = (0, 1, 2, 3, 7, 40)
+# Note [Non-finite inputs in the fuzzer]: a NaN or an infinity goes into pred (outside row 0) for
+# the losses whose float64 reference computes MMDetection's own non-finite results. Elsewhere
+# the references use more stable formulas than MMDetection's torch calls (FocalLoss at x = -inf:
+# torch's BCE gives NaN, the reference inf) or torch autograd spreads a NaN over a whole
+# softmax row where the kernels keep it in its column; those differences are listed in the issue
+# notes rather than asserted here.
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
 
 def builtin_case(seed: int, i: int):
@@ -210,6 +218,9 @@ def builtin_case(seed: int, i: int):
     if avg is not None and red in ("mean", None):
         value = r.choice([0.5, 3.0, 117.0])
         kwargs["avg_factor"] = torch.tensor(value) if avg == "tensor" else value
+    if case.nonfinite and n > 1 and r.random() < 0.3:   # Note [Non-finite inputs in the fuzzer]
+        pred = pred.clone()
+        pred.view(-1)[r.randrange(pred.shape[-1], pred.numel())] = r.choice(NONFINITE)
     pred = strided(r, pred)
     what = (f"backend={backend} cfg={case.cfg} pred {tuple(pred.shape)} {dtype} "
             f"contiguous={pred.is_contiguous()} kwargs={ {k: v if not isinstance(v, torch.Tensor) else tuple(v.shape) for k, v in kwargs.items()} }")
@@ -240,7 +251,7 @@ def test_fuzz_builtin_losses():
 
 @pytest.mark.slow
 def test_fuzz_builtin_losses_long():
-    n = sum(run_builtin(seed, 2800) for seed in (1, 2, 3, 4, 5, 6, 7, 8))
+    n = sum(run_builtin(seed, 2000) for seed in (1, 2, 3, 4, 5, 6))
     print(f"builtin fuzz cases: {n}")
 
 
@@ -380,5 +391,5 @@ def test_fuzz_programs(programs):
 
 @pytest.mark.slow
 def test_fuzz_programs_long(programs):
-    n = sum(run_programs(programs, seed, 1500) for seed in (1, 2, 3, 4))
+    n = sum(run_programs(programs, seed, 1200) for seed in (1, 2, 3, 4))
     print(f"program fuzz cases: {n}")

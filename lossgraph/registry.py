@@ -64,8 +64,8 @@ def _has_nan(v: Any) -> bool:
 
 # Note [Loss names]: a loss's name becomes a folder of the dump tree (dump_dir/<name>/...) and
 # part of kernel identifiers; '../x/MyL1' would write outside dump_dir. A name is a letter or
-# '_', then letters, digits, '_', '-' and '.' (scoped names such as 'mmdet.FocalLoss'), with no
-# '..' so it can never be a parent-folder step.
+# '_', then letters, digits, '_', '-' and '.' (a config may name a type with a registry scope,
+# see config.unscoped), with no '..' so it can never be a parent-folder step.
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 

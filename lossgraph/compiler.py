@@ -7,7 +7,6 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -21,6 +20,8 @@ from .ops import Level, Op
 
 VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(Variant))
 GRAPH_LINE = re.compile(r"^\W*graph: sha256:([0-9a-f]{64})$", re.M)   # codegen.header's line
+# The device type each native backend is built for (TorchScript runs on any device).
+NATIVE_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
 
 
 def _access(g) -> dict[str, str]:
@@ -93,7 +94,7 @@ class Compiler:
         self.spec, self.backend, self.dump_dir = spec, backend, dump_dir
         self._variants: dict[Variant, int] = {}   # variant -> i; the kernel is self._compiled_<i>
         self._levels: dict[tuple, tuple] = {}
-        self._fallback_warned = False
+        self._fallback_warned = self._device_warned = False
         try:
             self.default_variant()  # traces the math once, so config errors surface at compile()
         except ConfigError as e:
@@ -110,7 +111,34 @@ class Compiler:
         self.__init__(state["spec"], state["backend"], state["dump_dir"])
 
     def backend_for(self, device: str) -> str:
-        return backends.auto(device) if self.backend == "auto" else self.backend
+        """The backend that runs tensors on `device` (a device type: 'cpu', 'cuda', 'meta').
+
+        Note [An explicit backend follows the device]: a compiled loss is a module inside a
+        model, and `model.to('cuda')` moves its tensors, not its backend choice. When the chosen
+        backend cannot serve the inputs' device (backend='cpp' with CUDA or meta tensors,
+        backend='cuda' with CPU tensors) the loss follows the device, as 'auto' would, and warns
+        once: every backend computes MMDetection's numbers, so this keeps a model portable where
+        an error would break `.to()`, and no device pointer ever reaches host code (the backends'
+        own guards, backends/base.py check_call, catch any other path). Meta tensors carry no
+        data, so they go to TorchScript's shape-only result without a warning. On its own device
+        a backend is kept even when its toolchain is missing: the build fails and falls back
+        with the compiler's log (`_index`), which says more than a device warning would.
+        """
+        if self.backend == "auto":
+            return backends.auto(device)
+        if NATIVE_DEVICE.get(self.backend, device) == device or \
+                backends.get(self.backend).available(device):
+            return self.backend
+        return backends.auto(device)
+
+    def _warn_followed(self, device: str, chosen: str) -> None:
+        """Warn once when an explicit backend gave way to the device's (see the Note above)."""
+        if chosen != self.backend and self.backend != "auto" and device != "meta" and \
+                not self._device_warned:
+            self._device_warned = True
+            warnings.warn(f"lossgraph: {self.spec.name} was compiled with backend="
+                          f"'{self.backend}', which cannot run {device} tensors; using the "
+                          f"{chosen} backend for them", stacklevel=5)
 
     def default_variant(self) -> Variant:
         """The variant shown before any call: the config's reduction, no weight, with a gradient."""
@@ -177,6 +205,7 @@ class Compiler:
             cache.STATS["memory_hits"] += 1
             return i
         name = self.backend_for(v.device)
+        self._warn_followed(v.device, name)
         try:
             cv = self._compile(v, backends.get(name))
         except BackendError as e:
@@ -197,7 +226,7 @@ class Compiler:
         root = dump.dump_root(self.dump_dir)
         if not root or not log:
             return ""
-        folder = Path(root) / self.spec.name / f"{backend}.{v.tag()}"
+        folder = dump.variant_folder(root, self.spec.name, f"{backend}.{v.tag()}")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "compile.log").write_text(log)
         return f"; compiler log in {folder / 'compile.log'}"
@@ -235,7 +264,7 @@ class Compiler:
         cv = CompiledVariant(meta, source, artifact, be, lambda: self.stages(v), stages)
         root = dump.dump_root(self.dump_dir)
         if root:
-            self.dump(cv, Path(root) / self.spec.name / f"{be.name}.{v.tag()}")
+            self.dump(cv, dump.variant_folder(root, self.spec.name, f"{be.name}.{v.tag()}"))
         return cv
 
     def _meta_from_disk(self, v: Variant, be: backends.Backend, meta_d: dict,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -104,4 +105,10 @@ def check_reduction(name: str, value: Any, what: str) -> str:
 def _loss_weight(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name}: config key 'loss_weight' must be a number, got {value!r}")
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:      # an int beyond float range, e.g. 10**400
+        value = math.inf
+    if not math.isfinite(value):   # Note [Non-finite hyperparameters] (registry.py)
+        raise ConfigError(f"{name}: config key 'loss_weight' must be finite, got {value!r}")
+    return value

@@ -11,6 +11,15 @@ def dump_root(explicit: str | None) -> str | None:
     return explicit or os.environ.get("LOSSGRAPH_DUMP_DIR") or None
 
 
+def variant_folder(root: str | Path, loss: str, tag: str) -> Path:
+    """root/<loss>/<tag>, refusing any path that would leave root (Note [Loss names])."""
+    base = Path(root).resolve()
+    folder = (base / loss / tag).resolve()
+    if base not in folder.parents:
+        raise ValueError(f"dump folder {folder} for loss {loss!r} would be outside {base}")
+    return folder
+
+
 def write_stages(folder: str | Path, config: dict, stages, source: str, suffix: str,
                  extra: dict[str, str] | None = None) -> list[str]:
     """00_config.json, NN_<stage>.txt/.dot for each stage, then the generated source."""

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConfigAssertion, ConfigTypeError
+from .errors import ConfigAssertion, ConfigError, ConfigTypeError
 
 # The forward signature shared by almost every MMDetection loss (mmdet-losses.md §1.4).
 DEFAULT_FORWARD = ("pred", "target", "weight=None", "avg_factor=None", "reduction_override=None")
@@ -36,7 +38,45 @@ class Param:
             error = ConfigAssertion if typing.get_origin(t) is typing.Literal else ConfigTypeError
             raise error(f"{loss}: config key '{self.name}' must be {_type_name(t)}, "
                         f"got {type(value).__name__} {value!r}")
+        if _has_nan(norm):
+            raise ConfigError(f"{loss}: config key '{self.name}' is NaN ({value!r}), which "
+                              f"would make the loss NaN; give a number")
         return norm
+
+
+# Note [Non-finite hyperparameters]: MMDetection checks no hyperparameter for NaN or infinity;
+# it asserts a few ranges (SmoothL1Loss/BalancedL1Loss beta > 0, VarifocalLoss alpha >= 0,
+# KnowledgeDistillationKLDivLoss T >= 1), which a NaN fails, as in Python (`nan > 0` is False),
+# and the loss definitions make the same checks. Otherwise a NaN key turns every loss value (or
+# a branch such as `x < beta`) into NaN on every call, which has no use: lossgraph rejects a NaN
+# in any key (a number, or an entry of a list such as class_weight) with a ConfigError naming it.
+# An infinity is kept and gives MMDetection's value (beta=inf makes SmoothL1Loss 0, gamma=inf
+# keeps only pt == 1 in FocalLoss; a range assert rejects the others, e.g. beta=-inf), except
+# loss_weight (config.py): it scales the whole loss, so +-inf only ever gives +-inf or NaN.
+
+
+def _has_nan(v: Any) -> bool:
+    """True for a float NaN, or a list/tuple holding one."""
+    if isinstance(v, float):
+        return math.isnan(v)
+    if isinstance(v, (list, tuple)):
+        return any(_has_nan(x) for x in v)
+    return False
+
+
+# Note [Loss names]: a loss's name becomes a folder of the dump tree (dump_dir/<name>/...) and
+# part of kernel identifiers; '../x/MyL1' would write outside dump_dir. A name is a letter or
+# '_', then letters, digits, '_', '-' and '.' (a config may name a type with a registry scope,
+# see config.unscoped), with no '..' so it can never be a parent-folder step.
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+def check_name(name: Any) -> str:
+    """Raise ValueError unless `name` is a valid loss type name (Note [Loss names])."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"invalid loss name {name!r}: use a letter or '_' followed by letters, "
+                         f"digits, '_', '-' or '.' (no '..', no path separators)")
+    return name
 
 
 @dataclass
@@ -70,6 +110,7 @@ def register_loss(name: str, *, target: str = "dense", weight: str | dict = "raw
                   forward: tuple[str, ...] | None = None, quirks=(), hooks=None,
                   _builtin: bool = False):
     """Register `fn(pred, target, **hyper)` as loss `name`; its keyword defaults are config keys."""
+    check_name(name)
     if target not in ("dense", "labels", "any"):
         raise ValueError(f"target must be 'dense', 'labels' or 'any', got {target!r}")
 
@@ -148,8 +189,9 @@ def _conforms(v: Any, t: Any) -> tuple[bool, Any]:
         return v is None, v
     if t is bool:
         return isinstance(v, bool), v
-    if t is float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is float:   # an int too large for a float (10**400) is not a number we can use
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and \
+            (isinstance(v, float) or abs(v) <= 2 ** 1023)
         return ok, float(v) if ok else v
     if t is int:
         return isinstance(v, int) and not isinstance(v, bool), v
@@ -157,6 +199,7 @@ def _conforms(v: Any, t: Any) -> tuple[bool, Any]:
         return isinstance(v, str), v
     if origin in (list, tuple, typing.Sequence) or t in (list, tuple):
         ok = (isinstance(v, (list, tuple)) and
-              all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+              all(isinstance(x, (int, float)) and not isinstance(x, bool) and
+                  (isinstance(x, float) or abs(x) <= 2 ** 1023) for x in v))
         return ok, tuple(float(x) for x in v) if ok else v
     return isinstance(v, t), v

@@ -25,7 +25,7 @@ from ..errors import BackendError
 from ..inputs import compute_dtype
 from ..ops import Level
 from . import elf
-from .base import Artifact, KernelSource, table_tensor
+from .base import Artifact, KernelSource, check_call, table_tensor
 from .clower import lower, scalar_loads
 
 SUFFIX = ".c"
@@ -353,6 +353,7 @@ def run(artifact: Artifact, call, meta):
     after scaling it by grad_output (Note [Loss scaling in float32] in runtime.py), so the kernel
     itself is float32 or float64 only.
     """
+    check_call(call, meta, "cpp", "cpu", available)   # Note [Device guard]
     compute = compute_dtype(call.pred.dtype)
     pred = _contig(call.pred, compute)
     R, K = call.rows, call.width

@@ -46,7 +46,7 @@ from ..errors import BackendError, InputError
 from ..inputs import compute_dtype
 from ..ops import Level
 from . import cudavec, nvrtc
-from .base import Artifact, KernelSource
+from .base import Artifact, KernelSource, check_call
 from .clower import literal, lower, scalar_loads
 
 SUFFIX = ".cu"
@@ -420,6 +420,7 @@ def _launch(kern: CudaKernel, pred: torch.Tensor, ptrs: list, denom: Optional[to
 
 def run(artifact: Artifact, call, meta):
     """Run the kernel on pred's device and current stream; returns (loss, grad or None)."""
+    check_call(call, meta, "cuda", "cuda", available)   # Note [Device guard]
     kern: CudaKernel = artifact.info["kernel"]
     if HAS_OP and _compiling():
         return _run_traced(kern, call, meta.variant.grad)

@@ -17,7 +17,7 @@ from ..ir import Graph, Load
 from ..ops import Level, Op
 from ..inputs import compute_dtype
 from .decompose import stable_lse
-from .base import Artifact, KernelSource, signature, table_tensor
+from .base import Artifact, KernelSource, check_call, signature, table_tensor
 
 TORCH: dict[Op, str] = {
     Op.NEG: "-{0}", Op.ABS: "torch.abs({0})", Op.SIGN: "torch.sign({0})", Op.EXP: "torch.exp({0})",
@@ -279,6 +279,7 @@ def arguments(call, meta) -> list:
 
 def run(artifact: Artifact, call, meta):
     """Call the scripted kernel; returns (loss, grad or None)."""
+    check_call(call, meta, "torchscript", call.pred.device.type, available)
     out = artifact.fn(*arguments(call, meta))
     if meta.variant.extra_grads:     # input_grads.py: (loss, grad, other inputs' gradients)
         loss, grad, *extras = out

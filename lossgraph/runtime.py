@@ -208,7 +208,8 @@ class CompiledLoss(nn.Module):
         self._last: CompiledVariant | None = None
         self._warned_grad = False
         hooks = spec.loss.hooks
-        self._plans = None if any(h in hooks for h in plans.UNPLANNED_HOOKS) else \
+        self._plans = None if any(h in hooks and not getattr(hooks[h], "plannable", False)
+                                  for h in plans.UNPLANNED_HOOKS) else \
             plans.Plans(self._positional, ROLES)
         if "init" in hooks:
             hooks["init"](spec)
@@ -273,11 +274,16 @@ class CompiledLoss(nn.Module):
                 self._last = plan.cv
                 return _apply(self, call, plan.launch, plan.grad, plan.shape, plan.level, plan.scale)
         roles = self._roles(args, kwargs)
-        if roles.get("reduction_override") is not None:  # MMDetection asserts it first
+        hooks = self.spec.loss.hooks
+        if roles.get("reduction_override") is not None and "early_exit" not in hooks:
+            # MMDetection asserts it first, except in the losses whose v3 zero-weight exit
+            # returns before the assert (L1, SmoothL1, IoU family); run_pipeline checks it there
             check_reduction(self.spec.name, roles["reduction_override"], "reduction_override")
-        if "forward" in self.spec.loss.hooks:
-            return self.spec.loss.hooks["forward"](self, roles)
-        return self.run_pipeline(roles, (key, args, kwargs) if key is not None else None)
+        record = (key, args, kwargs) if key is not None else None
+        hook = hooks.get("forward")
+        if hook is not None:   # a 'plannable' hook passes the record on to run_pipeline
+            return hook(self, roles, record) if getattr(hook, "plannable", False) else hook(self, roles)
+        return self.run_pipeline(roles, record)
 
     def _roles(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Bind the call to MMDetection's forward signature; map argument names to roles."""

@@ -280,20 +280,24 @@ def test_non_finite_loss_weight_is_a_config_error(value):
     (dict(type="KnowledgeDistillationKLDivLoss", T=0.5), "T must be >= 1, got 0.5"),
 ])
 def test_mmdetection_range_asserts_are_config_errors(cfg, message):
+    """A ConfigError with MMDetection's condition: at build time, or at the call where
+    MMDetection asserts inside its loss function (SmoothL1/BalancedL1 beta)."""
     with pytest.raises(lg.ConfigError, match=rf"^{cfg['type']}: {re.escape(message)}$"):
-        lg.compile(cfg, backend="torchscript")
+        x = torch.randn(3, 4)
+        lg.compile(cfg, backend="torchscript")(x, x)
 
 
+@pytest.mark.parametrize("backend", ["torchscript", "cpp"])
 @pytest.mark.parametrize("cfg", [dict(type="SmoothL1Loss", beta=INF),
                                  dict(type="FocalLoss", gamma=INF, alpha=0.4)])
-def test_infinite_hyperparameter_gives_mmdetections_value(cfg):
-    """beta=inf makes SmoothL1Loss 0; gamma=inf keeps only pt == 1 in FocalLoss (TorchScript;
-    the C rendering of an infinite constant is the rows helper's fix)."""
+def test_infinite_hyperparameter_gives_mmdetections_value(cfg, backend):
+    """beta=inf makes SmoothL1Loss 0; gamma=inf keeps only pt == 1 in FocalLoss; an infinite
+    constant renders as valid C (LG_INF)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
     t = torch.randn(6, 4, generator=g, dtype=torch.float64) if cfg["type"] == "SmoothL1Loss" \
         else torch.randint(0, 5, (6,), generator=g)
-    check_case(lg.compile(cfg, backend="torchscript"), cfg, x, t, reduction_override="none")
+    check_case(lg.compile(cfg, backend=backend), cfg, x, t, reduction_override="none")
 
 
 # -- loss names and dump folders (Note [Loss names]) -------------------------------------------------

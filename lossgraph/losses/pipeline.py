@@ -53,17 +53,20 @@ def _device_select(module, a) -> bool:
     return (override or module.spec.reduction) != "none"
 
 
-def zero_weight_forward(module, a):
+def zero_weight_forward(module, a, record=None):
     """Note [Zero-weight exit on the device]: on a GPU the v3 exit is computed, not branched on:
     the normal loss and MMDetection's early value (pred * weight).sum() are both formed and
     torch.where(any(weight > 0), loss, early) picks one on the device, so a call never waits for
     the GPU, can be captured in a CUDA graph and traces with fullgraph=True. The early value takes
     the loss's dtype. 'none' keeps the host check: the early exit changes the result's shape."""
     if not _device_select(module, a):
-        return module.run_pipeline(a)
+        return module.run_pipeline(a, record)     # the CPU path may keep a call plan
     out = module.run_pipeline({**a, DEVICE_EXIT: True})
     early = _early_value(a["pred"], a["weight"].to(a["pred"].device))
     return torch.where(torch.any(a["weight"] > 0).to(out.device), out, early.to(out.dtype))
+
+
+zero_weight_forward.plannable = True   # runtime.CompiledLoss: Note [Call plans] may record it
 
 
 def empty_zero(spec, call, a):

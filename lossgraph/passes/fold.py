@@ -10,7 +10,7 @@ from typing import Callable, Optional, Union
 
 from ..build import Variant
 from ..ir import Graph, Node
-from ..ops import Op, Stage, stage_of
+from ..ops import Level, Op, ROW_REDUCTIONS, Stage, stage_of
 from ..reference import fold_value
 
 Rewrite = Optional[Union[int, Node]]
@@ -55,6 +55,17 @@ def identities(g: Graph, i: int, n: Node) -> Rewrite:
     if n.op is Op.WHERE and isinstance(_const(g, a[0]), bool):
         return a[1] if _const(g, a[0]) else a[2]
     return None
+
+
+def reduce_row_value(g: Graph, i: int, n: Node) -> Rewrite:
+    """A row reduction of a value that is already one per row (or per call) is that value.
+
+    Note [Reducing a row value]: the reference interpreter holds a row value as an (R, 1) column,
+    so rowsum/rowmax/logsumexp over its last axis is the value itself; the native loops would
+    otherwise reduce K broadcast copies of it (rowsum(rowmax(x)) = K * max)."""
+    if n.op not in ROW_REDUCTIONS or g.levels()[n.srcs[0]] is Level.ELEM:
+        return None
+    return n.srcs[0]
 
 
 def specialize_pow(g: Graph, i: int, n: Node) -> Rewrite:
@@ -105,7 +116,7 @@ def drop_unit_scale(g: Graph, i: int, n: Node) -> Rewrite:
 
 
 RULES: list[Callable[[Graph, int, Node], Rewrite]] = [
-    fold_constants, identities, specialize_pow, stable_log_sigmoid, drop_unit_scale]
+    fold_constants, identities, reduce_row_value, specialize_pow, stable_log_sigmoid, drop_unit_scale]
 
 
 def specialize(g: Graph, v: Variant) -> Graph:

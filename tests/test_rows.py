@@ -4,7 +4,6 @@ not finite."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch

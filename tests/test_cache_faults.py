@@ -24,6 +24,8 @@ from conftest import BACKENDS, assert_close
 from reference_losses import reference
 
 REPO = Path(__file__).resolve().parents[1]
+# each scenario runs in fresh subprocesses (an import of torch each): the slow job runs them
+pytestmark = pytest.mark.slow
 CFG = dict(type="FocalLoss", gamma=1.5, alpha=0.3, loss_weight=0.9)
 FOREIGN_UID = 12345
 needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="needs a C compiler")

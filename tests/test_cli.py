@@ -18,6 +18,8 @@ from lossgraph.backends import nvrtc
 from conftest import _backend_available
 
 ROOT = Path(__file__).resolve().parent.parent
+# every test runs the compiler end to end, most in subprocesses: the slow job runs them
+pytestmark = pytest.mark.slow
 needs_nvrtc = pytest.mark.skipif(nvrtc.unavailable_reason() is not None,
                                  reason=f"NVRTC unavailable: {nvrtc.unavailable_reason()}")
 

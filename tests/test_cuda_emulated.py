@@ -25,8 +25,10 @@ from lossgraph.losses import pipeline
 from conftest import _backend_available
 from cuda_emulator import Emulator, _build, compiler
 
-pytestmark = pytest.mark.skipif(compiler() is None or not _backend_available("cpp"),
-                                reason="the CUDA emulator needs g++ (and the cpp twin)")
+# g++ builds an emulator per kernel: the slow job runs these
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(compiler() is None or not _backend_available("cpp"),
+                                 reason="the CUDA emulator needs g++ (and the cpp twin)")]
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -9,7 +9,7 @@ failure names its case, and `LOSSGRAPH_FUZZ_CASE=<fuzzer>:<seed>:<index>` reruns
 
     LOSSGRAPH_FUZZ_CASE=builtin:0:137 pytest tests/test_fuzz.py -k builtin
 
-The default suite runs 2000 cases; `pytest -m slow tests/test_fuzz.py` runs 16800 more (other
+The default suite runs 2000 cases; `pytest -m fuzz tests/test_fuzz.py` runs 16800 more (other
 seeds, every call plan). A run reports every failing case, not only the first.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _describe(fuzzer: str, seed: int, i: int, what: str, err: BaseException) -> 
     first = str(err).strip().splitlines()[:2]
     return (f"fuzz case {fuzzer}:{seed}:{i} failed: {what}\n  {type(err).__name__}: "
             f"{' / '.join(first)}\n  rerun it alone: LOSSGRAPH_FUZZ_CASE={fuzzer}:{seed}:{i} "
-            f"pytest tests/test_fuzz.py -m 'slow or not slow' -k {fuzzer}")
+            f"pytest tests/test_fuzz.py -m 'fuzz or not fuzz' -k {fuzzer}")
 
 
 def _report(fuzzer: str, done: int, failures: list[str]) -> None:
@@ -263,7 +263,7 @@ def test_fuzz_builtin_losses():
     _report("builtin", done, failures)
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 def test_fuzz_builtin_losses_long():
     failures: list[str] = []
     n = sum(run_builtin(seed, 2000, failures) for seed in (1, 2, 3, 4, 5, 6))
@@ -409,7 +409,7 @@ def test_fuzz_programs(programs):
     _report("programs", done, failures)
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 def test_fuzz_programs_long(programs):
     failures: list[str] = []
     n = sum(run_programs(programs, seed, 1200, failures) for seed in (1, 2, 3, 4))

@@ -189,3 +189,20 @@ def test_non_finite_constants(backend):
         lg.compile(dict(type="FocalLoss", loss_weight=math.inf), backend=backend)
     with pytest.raises(lg.ConfigError, match="gamma"):
         lg.compile(dict(type="FocalLoss", gamma=math.nan), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "cpp"])
+def test_row_reduction_of_a_row_value_is_that_value(backend):
+    """Found by the program fuzzer: rowsum(rowmax(x)) reduced K broadcast copies on cpp.
+    A row value is an (R, 1) column in the reference, so reducing it again changes nothing."""
+    @lg.register_loss("RowOfRowSum")
+    def row_of_row_sum(pred, target):
+        return lg.rowsum(lg.rowmax(pred)) + lg.logsumexp(lg.logsumexp(pred)) + 0 * pred
+
+    x = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    loss = lg.compile(dict(type="RowOfRowSum", reduction="none"), backend=backend)
+    got = loss(x, torch.zeros_like(x))
+    want = x.amax(-1, keepdim=True) + torch.logsumexp(x, -1, keepdim=True) + 0 * x
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0],
+                               torch.autograd.grad(want.sum(), x)[0])

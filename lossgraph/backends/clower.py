@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..build import Variant
 from ..ir import Graph, Load, Node
 from ..ops import Level, Op, ROW_REDUCTIONS
-from ..passes.fold import specialize
+from ..passes.fold import COLUMN_RULES, specialize
 from .base import signature
 from .decompose import decompose
 
@@ -398,7 +398,7 @@ def _specialized(g: Graph, v: Variant, test: int, value: bool) -> Graph:
     """g with the one-hot test replaced by a constant, folded again."""
     h = g.copy()
     h.replace(test, Node(Op.CONST, (), value))
-    return specialize(h, v)
+    return specialize(h, v, COLUMN_RULES)
 
 
 def _elem_stmts(h: Graph, roots: list[int], levels, decl, known: set[int],
@@ -480,7 +480,7 @@ def _gather(g, v, sch, hot, r) -> tuple[str, list[str], str] | None:
         h1 = g.copy()
         keep = h1.add(Op.OUTPUT, (x,), "_gathered")   # x's value at k == idx, even where the
         h1.replace(test, Node(Op.CONST, (), True))     # rest of that specialization is dead
-        h1 = specialize(h1, v)
+        h1 = specialize(h1, v, COLUMN_RULES)
         lv = h1.levels()
         e, d = render_nodes(h1, lv, False)
         x1 = h1[keep].srcs[0]

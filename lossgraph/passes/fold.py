@@ -119,8 +119,14 @@ RULES: list[Callable[[Graph, int, Node], Rewrite]] = [
     fold_constants, identities, reduce_row_value, specialize_pow, stable_log_sigmoid, drop_unit_scale]
 
 
-def specialize(g: Graph, v: Variant) -> Graph:
-    """Apply RULES until nothing changes, then drop dead nodes."""
+# Rules valid where a graph stands for one column only (clower's one-hot specializations, whose
+# row reductions are not real reductions any more): everything but reduce_row_value.
+COLUMN_RULES = [r for r in RULES if r is not reduce_row_value]
+
+
+def specialize(g: Graph, v: Variant, rules: list | None = None) -> Graph:
+    """Apply RULES (or `rules`) until nothing changes, then drop dead nodes."""
+    rules = RULES if rules is None else rules
     g = g.copy()
     changed = True
     while changed:
@@ -128,7 +134,7 @@ def specialize(g: Graph, v: Variant) -> Graph:
         for i in g.topo():
             if i not in g:
                 continue
-            for rule in RULES:
+            for rule in rules:
                 r = rule(g, i, g[i])
                 if r is None:
                     continue

@@ -108,9 +108,15 @@ def implementation(impl: str, config: dict, fn):
 
 
 def step(f, pred, args, kw):
-    pred.grad = None
+    """One fwd+bwd, ending with the gradient freed.
+
+    Note [Who pays for the free]: dropping a large gradient costs time (an munmap of the
+    torch-allocated N x C tensor, page by page; a pooled block just goes back to the pool). The
+    step frees the gradient it made itself, so each implementation pays for its own memory and
+    not for the previous one's, whichever order the interleaved loop runs them in."""
     out = f(pred, *args, **kw)
     (sum(out.values()) if isinstance(out, dict) else out).backward()
+    pred.grad = None
 
 
 def time_case(name: str, repeats: int, impls=IMPLS) -> dict[str, float]:

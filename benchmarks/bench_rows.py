@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eager  # noqa: E402
+from bench_cpu import step  # noqa: E402  (Note [Who pays for the free])
 
 import lossgraph as lg  # noqa: E402
 
@@ -103,11 +104,6 @@ def make_case(name: str):
 
 CASES = ("ce_100k", "dfl_40k", "dfl_160k", "seesaw_0", "seesaw_25", "seesaw_100",
          "gaussian_focal")
-
-
-def step(f, pred, args, kw):
-    pred.grad = None
-    f(pred, *args, **kw).backward()
 
 
 def time_case(name: str, threads: list[int], repeats: int) -> dict[int, dict[str, float]]:

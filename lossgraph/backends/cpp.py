@@ -27,6 +27,7 @@ from ..ops import Level
 from . import elf
 from .base import Artifact, KernelSource, check_call, table_tensor
 from .clower import lower, scalar_loads
+from .lanes import LANES_K, lanes
 
 SUFFIX = ".c"
 CHUNK = 16384   # elements per reduction chunk: fixed, so results do not depend on thread count
@@ -35,6 +36,7 @@ VEC_FUNCTIONS = [f"{t} {f}{s}({', '.join([t] * n)})" for t, s in (("float", "f")
                  for f, n in (("exp", 1), ("log", 1), ("log1p", 1), ("sin", 1), ("cos", 1),
                               ("atan", 1), ("asin", 1), ("tanh", 1), ("pow", 2))]
 MIN_PARALLEL = 1 << 15   # below this many elements one thread is faster than waking a team
+LANES_RB = 8              # rows per group of the lanes schedule (Note [Rows across lanes])
 
 
 def compiler() -> str | None:
@@ -152,7 +154,8 @@ def render(src: KernelSource) -> str:
     """Render the fused body as a C kernel computing the loss and gradient in one pass."""
     v = src.variant
     k = lower(src.body, v, src.fn_name, buffers=True)
-    return codegen.render("cpp/kernel.c.j2", header=src.header("//"), k=k,
+    return codegen.render("cpp/kernel.c.j2", header=src.header("//"), k=k, lanes=lanes(k),
+                          lanes_rb=LANES_RB, lanes_k=LANES_K,
                           double=v.dtype == "float64", label_type=_label_ctype(v.label_dtype),
                           vecmath=_probe()[1], vec_functions=VEC_FUNCTIONS, chunk=CHUNK,
                           scalar_loads=scalar_loads(k.params),

@@ -108,9 +108,12 @@ def render(src: KernelSource) -> str:
     box = schedule == "elem" and any(ld.comp is not None for ld in src.body.inputs())
     vec = cudavec.vec_width(STORAGE[v.dtype], box)
     unroll = cudavec.unroll_for(vec) if schedule == "elem" else UNROLL
+    rescale = v.grad and accumulate and v.dtype in ("float16", "bfloat16")
     launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": unroll,
               "vec": vec, "box": box, "params": params,
               "tables": {n: len(vals) for n, vals in tables}}
+    if rescale:
+        launch["rescale"] = True
     args = "".join(f"const {t}* __restrict__ p_{n}, " for t, n in params)
     hot = _hot(k)
     ctypes = {"pred": STORAGE[v.dtype], "T": "double" if v.dtype == "float64" else "float"}
@@ -127,7 +130,7 @@ def render(src: KernelSource) -> str:
     vectors += ["grad_out"] * v.grad + ["loss_out"] * (k.loss_mode == "store_elem")
     aligned = " | ".join(f"(unsigned long long){p}" for p in ["p_pred", *vectors])
     return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=hot,
-                          aligned=aligned,
+                          aligned=aligned, rescale=rescale, k_params=params,
                           vec=vec, **({"tile": [], "tile1": []} | tiles),
                           block=BLOCK, unroll=unroll, schedule=schedule, accumulate=accumulate,
                           double=v.dtype == "float64", label_type=LABEL_CTYPE[v.label_dtype],
@@ -432,6 +435,8 @@ def run(artifact: Artifact, call, meta):
     else:
         denom, value = None, float(d or 0.0)
     loss, g = _launch(kern, pred, ptrs, denom, value, meta.variant.grad, None)
+    if g is not None and "rescale" in kern.launch:   # Note [Loss scaling on CUDA]
+        call.cuda_versions = _versions(call)
     if g is None or g.shape == call.pred.shape:
         return loss, g
     return loss, g.view(call.pred.shape)
@@ -502,12 +507,17 @@ def _scaler() -> CudaKernel:
     return CudaKernel("lg_scale", src, folder, {}, "sum", Level.SCALAR)
 
 
-def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor,
+def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor, call=None,
                launcher: Callable | None = None) -> torch.Tensor:
-    """grad.mul_(g) for a 0-d grad_output g, on the device, skipped there when g == 1."""
+    """grad.mul_(g) for a 0-d grad_output g, on the device, skipped there when g == 1; for a
+    float16/bfloat16 gradient of `call`, the kernel's rescale instead (Note [Loss scaling on CUDA])."""
     if _compiling() or g.device != grad.device or not grad.is_contiguous() \
             or g.dtype not in SCALE_KINDS or grad.dtype not in SCALE_KINDS:
         return grad.mul_(g.to(grad.dtype))
+    kern = artifact.info.get("kernel") if artifact is not None and call is not None else None
+    if kern is not None and "rescale" in kern.launch and \
+            getattr(call, "cuda_versions", None) == _versions(call):
+        return _rescale(kern, call, grad, g)
     name = SCALE_KINDS[grad.dtype][0]
     mod = (launcher or _scaler().launcher)(grad.device)
     fn = f"lg_scale_{name}"
@@ -515,4 +525,47 @@ def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor,
     blocks = max(1, min(math.ceil(n / (BLOCK * UNROLL)), mod.max_blocks(fn, BLOCK)))
     mod.launch(fn, blocks, BLOCK, (grad.data_ptr(), n, g.data_ptr(), SCALE_KINDS[g.dtype][4]),
                SCALE_ARGS)
+    return grad
+
+
+# Note [Loss scaling on CUDA]: a float16 gradient rounded before a GradScaler's loss scale
+# multiplies it loses every element below float16's subnormals (2^-24), which a mean over many
+# elements is full of; MMDetection's eager backward keeps more of them. The cpp and torchscript
+# kernels return a float32 gradient (Note [Loss scaling in float32]); on the GPU that would move
+# 2 + 4 bytes per element in the forward and 4 + 2 more in the backward, even when
+# grad_output == 1 (bfloat16 training without a scaler). Instead the forward stays as it is (a
+# gradient in pred's dtype, 2 + 2 bytes), and a half kernel with a reduced loss has a second
+# entry, <name>_rescale: the same body with the gradient multiplied by grad_output in float and
+# rounded once, and no loss. The backward launches it on the call's inputs instead of scaling the
+# rounded gradient: it reads pred (and the inputs) again and writes the gradient in place, as
+# many bytes as the scale kernel's read and write, and like it every block returns at once when
+# grad_output == 1 (read on the device: no sync). It re-reads the inputs at backward time, so the
+# forward records their version counters on the call; when one has changed (an in-place edit
+# after the forward) the backward scales the forward's gradient, as before.
+
+def _versions(call) -> tuple:
+    """The version counters of the call's tensors (a changed one means an in-place write)."""
+    d = call.denom
+    return (call.pred._version, *[t._version for t in call.tensors.values()],
+            d._version if isinstance(d, torch.Tensor) else None)
+
+
+def _rescale(kern: CudaKernel, call, grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """grad = round(kernel gradient * g): the rescale kernel, written into grad in place."""
+    ptrs: list = []
+    pred, _inputs = prepare(call, kern, ptrs)
+    denom, value = denominator(call, pred.device)
+    rows, width = pred.shape
+    key = (pred.shape, pred.device, pred.dtype, None, get_ident())
+    plan = kern.plans.get(key)
+    if plan is None:
+        plan = kern.plans[key] = _plan(kern, pred.device, rows, width, pred.dtype,
+                                       len(ptrs) - 1, None)
+    dptr, dkind = (0, 0) if denom is None else \
+        (denom.data_ptr(), 1 if denom.dtype == torch.float32 else 2)
+    mod = kern.launcher(pred.device)
+    kinds = ("ptr",) * len(ptrs) + MAIN_TAIL + ("ptr", "int")
+    mod.launch(f"{kern.name}_rescale", plan.blocks, kern.launch["block"],
+               (*ptrs, dptr, dkind, value, *plan.fixed, 0, grad.data_ptr(), 0, g.data_ptr(),
+                SCALE_KINDS[g.dtype][4]), kinds)
     return grad

@@ -150,6 +150,31 @@ def test_softmax_cross_entropy_none_stores_rows():
     assert kern.loss_shape(300, 40) == (300,)
 
 
+
+@pytest.mark.parametrize("n,c,scale,dtype", [
+    (300, 3, 4.0, torch.float32),       # 1 lane per row
+    (257, 17, 4.0, torch.float32),      # 8 lanes per row (DFL's bins)
+    (200, 81, 1e4, torch.float32),      # 32 lanes, huge logits: max-shifted
+    (100, 128, 30.0, torch.float16),    # the largest short row
+    (90, 129, 30.0, torch.bfloat16),    # the smallest long row: a warp's k-loops
+    (40, 700, 1e4, torch.float64),
+])
+def test_softmax_cross_entropy_row_groups(n, c, scale, dtype):
+    """Note [Row groups]: lanes per row from K, slots clamped past K, rows past R skipped."""
+    x = logits(n, c, scale=scale, dtype=dtype)
+    kern, _, _ = check(dict(type="CrossEntropyLoss"), x, labels(n, c - 1), weight=rand(n),
+                       max_blocks=2)
+    assert kern.launch["schedule"] == "rows"
+
+
+@pytest.mark.parametrize("c", [17, 200])
+def test_row_losses_dfl_and_knowledge_distillation(c):
+    """Several row passes (KD: two maxima, two sums, a third pass of sums) in registers."""
+    check(dict(type="KnowledgeDistillationKLDivLoss", T=10), logits(300, c, scale=30.0),
+          logits(300, c, scale=30.0))
+    if c == 17:
+        check(dict(type="DistributionFocalLoss"), logits(300, c), rand(300) * 15.99)
+
 def test_sigmoid_cross_entropy_bf16_with_ignored_labels():
     check(dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"),
           logits(dtype=torch.bfloat16), labels(lo=-1))

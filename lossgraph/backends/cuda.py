@@ -6,8 +6,11 @@ kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in G
   loads and stores, 4 vectors in flight per thread, row values once per vector, a label-free
   vector without any one-hot test, one thread per box; grid-stride with 64-bit indices; the
   row r = i / K is one multiply-high below 2^31 (IntDivider magic), a 64-bit division above.
-- Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): one warp per row; a row sum the
-  lowering turned into a gather (a value read at the label's column) is computed by every lane.
+- Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): Note [Row groups] (cudarows.py):
+  a row of up to 32 * SLOTS columns is held in registers by a group of lanes, its passes
+  straight-line code sharing their values; a longer row gets a warp and a k-loop per pass; row
+  reductions in T, rows summed in double. A row sum the lowering turned into a gather (a value
+  read at the label's column) is computed by every lane.
 - The one-hot split of the lowering (bodies folded for k == y and k != y) becomes a branch
   after the statements both bodies share (the load, the sigmoid): at most one lane of a row
   takes the k == y side.
@@ -21,7 +24,8 @@ kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in G
   per-class tables are compiled into the source, and outputs come from torch's caching
   allocator on the current stream, so a call can be captured in a CUDA graph.
 - fp16/bf16 pred is read as float and all math is float (double for float64); the gradient is
-  stored in pred's dtype, the loss in float32 (float64).
+  stored in pred's dtype, the loss in float32 (float64). Under a loss scale the backward reruns
+  the body scaling the float gradient before it is rounded (Note [Loss scaling on CUDA]).
 - Backward of a scalar loss: scale_grad runs a kernel that returns at once when
   grad_output == 1, so loss.backward() moves no gradient bytes and never syncs.
 - torch.compile: the launch is the custom op lossgraph::cuda_fused with a fake implementation,
@@ -45,7 +49,7 @@ from .. import cache, codegen
 from ..errors import BackendError, InputError
 from ..inputs import compute_dtype
 from ..ops import Level
-from . import cudavec, nvrtc
+from . import cudarows, cudavec, nvrtc
 from .base import Artifact, KernelSource, check_call
 from .clower import literal, lower, scalar_loads
 
@@ -119,6 +123,11 @@ def render(src: KernelSource) -> str:
     ctypes = {"pred": STORAGE[v.dtype], "T": "double" if v.dtype == "float64" else "float"}
     ctypes.update({n: ctypes["T"] for t, n in params if t == "T"})
     tiles = {}
+    rows = {"short_rows": [], "long_rows": []}
+    if schedule == "rows":
+        hot_ns = None if hot is None else _Hot(**hot)
+        rows = {"short_rows": cudarows.short_rows(k, hot_ns),
+                "long_rows": cudarows.long_rows(k, hot_ns)}
     if schedule == "elem":
         hot_ns = None if hot is None else _Hot(**hot)
         tiles = {f"tile{'' if c > 1 else '1'}": cudavec.tile(k, hot_ns, params, ctypes, vec, c,
@@ -131,6 +140,7 @@ def render(src: KernelSource) -> str:
     aligned = " | ".join(f"(unsigned long long){p}" for p in ["p_pred", *vectors])
     return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=hot,
                           aligned=aligned, rescale=rescale, k_params=params,
+                          slots=cudarows.SLOTS, **rows,
                           vec=vec, **({"tile": [], "tile1": []} | tiles),
                           block=BLOCK, unroll=unroll, schedule=schedule, accumulate=accumulate,
                           double=v.dtype == "float64", label_type=LABEL_CTYPE[v.label_dtype],

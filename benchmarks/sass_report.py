@@ -1,7 +1,7 @@
 """Static SASS report of the CUDA kernels: registers, spills, and instructions per element of the
 hot loop, from NVRTC cubins disassembled by cuobjdump. Needs no GPU.
 
-    python benchmarks/sass_report.py [--arch sm_90] [--dump DIR]
+    python benchmarks/sass_report.py [--arch sm_90] [--dump DIR] [--rows-only]
 
 cuobjdump comes with a CUDA toolkit, or from the pip wheel nvidia-cuda-cuobjdump (its binary is
 nvidia/cu13/bin/cuobjdump); set CUOBJDUMP=/path/to/cuobjdump when it is not on the PATH.
@@ -53,6 +53,21 @@ CASES = [
     ("IoULoss, fp32", dict(type="IoULoss"), dict(target="dense")),
     ("CrossEntropyLoss softmax, fp32", dict(type="CrossEntropyLoss"), dict(target="labels")),
 ]
+# Row kernels (Note [Row groups]): no per-element loop to count; their table gives the whole
+# main function: instructions, double-precision instructions (D*), shuffles and global loads.
+ROW_CASES = [
+    ("CrossEntropyLoss softmax, fp32", dict(type="CrossEntropyLoss"), dict(target="labels")),
+    ("CrossEntropyLoss softmax, fp16", dict(type="CrossEntropyLoss"),
+     dict(target="labels", dtype="float16")),
+    ("CrossEntropyLoss class_weight, row weight, fp32",
+     dict(type="CrossEntropyLoss", class_weight=[1.0] * 80 + [0.5]),
+     dict(target="labels", weight="row")),
+    ("DistributionFocalLoss, fp32", dict(type="DistributionFocalLoss"), dict(target="labels")),
+    ("KnowledgeDistillationKLDivLoss, fp32", dict(type="KnowledgeDistillationKLDivLoss"),
+     dict(target="dense")),
+    ("SeesawLoss, fp32", dict(type="SeesawLoss"), dict(target="labels")),
+]
+DOUBLE_OPS = ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "DSET", "F2F.F64", "F2F.F32.F64")
 
 
 @dataclasses.dataclass
@@ -184,11 +199,41 @@ def report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path | N
             f"{wide_ld} | {wide_st} |")
 
 
+def row_report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path | None) -> str:
+    """One row of the row-kernel table: the main function as a whole."""
+    v = Variant(device="cuda", reduction=cfg.get("reduction", "mean"), **kw)
+    try:
+        src, meta, _ = Compiler(parse(cfg), "cuda").generate(v, "cuda")
+    except Exception as e:   # noqa: BLE001 - a loss this tree cannot build: say so in the row
+        return f"| {title} | {type(e).__name__} | | | | | | |"
+    image, _ = nvrtc.compile(src, arch, f"{meta.fn_name}.cu")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(image)
+        sass = subprocess.run([tool, "-sass", "-fun", meta.fn_name, str(cubin)],
+                              capture_output=True, text=True).stdout
+        res = resources(tool, cubin, meta.fn_name)
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{meta.fn_name}.cu").write_text(src)
+        (dump / f"{meta.fn_name}.{arch}.sass").write_text(sass)
+    code = [c for c in parse_sass(sass) if c.op != "NOP"]
+    dops = sum(c.op.startswith(DOUBLE_OPS) for c in code)
+    shfl = sum(c.op.startswith("SHFL") for c in code)
+    ldg = sum(c.op.startswith("LDG") for c in code)
+    mufu = sum(c.op.startswith("MUFU") for c in code)
+    return (f"| {title} | {res.get('REG', '?')} | {res.get('LOCAL', '?')} | {len(code)} | "
+            f"{dops} | {shfl} | {ldg} | {mufu} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--dump", type=Path, default=None, help="write each .cu and its SASS here")
+    ap.add_argument("--rows-only", action="store_true", help="only the row-kernel table")
     args = ap.parse_args(argv)
+    if args.rows_only:
+        CASES.clear()
     tool = cuobjdump()
     print(f"NVRTC {'.'.join(map(str, nvrtc.version()))}, {args.arch}, {tool}")
     print("| kernel | schedule | elems/iter | regs | local (spill) bytes | instr/elem (path) | "
@@ -196,6 +241,12 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for title, cfg, kw in CASES:
         print(report(title, cfg, kw, args.arch, tool, args.dump), flush=True)
+    print()
+    print("| row kernel | regs | local (spill) bytes | instructions | double-precision | SHFL | "
+          "LDG | MUFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for title, cfg, kw in ROW_CASES:
+        print(row_report(title, cfg, kw, args.arch, tool, args.dump), flush=True)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class _Fused(torch.autograd.Function):
                 return _rounded(grad, ctx.dtype), None, None, None, None, None, None
             if ctx.scale is not None and grad.dtype == ctx.dtype:
                 # the backend's device-side scaling (skips g == 1, no sync)
-                return ctx.scale(grad, g), None, None, None, None, None, None
+                return ctx.scale(grad, g, ctx.call), None, None, None, None, None, None
         elif ctx.row_level:
             g = g.unsqueeze(-1)
         return _scaled(grad, g, ctx.dtype), None, None, None, None, None, None

@@ -150,6 +150,31 @@ def test_softmax_cross_entropy_none_stores_rows():
     assert kern.loss_shape(300, 40) == (300,)
 
 
+
+@pytest.mark.parametrize("n,c,scale,dtype", [
+    (300, 3, 4.0, torch.float32),       # 1 lane per row
+    (257, 17, 4.0, torch.float32),      # 8 lanes per row (DFL's bins)
+    (200, 81, 1e4, torch.float32),      # 32 lanes, huge logits: max-shifted
+    (100, 128, 30.0, torch.float16),    # the largest short row
+    (90, 129, 30.0, torch.bfloat16),    # the smallest long row: a warp's k-loops
+    (40, 700, 1e4, torch.float64),
+])
+def test_softmax_cross_entropy_row_groups(n, c, scale, dtype):
+    """Note [Row groups]: lanes per row from K, slots clamped past K, rows past R skipped."""
+    x = logits(n, c, scale=scale, dtype=dtype)
+    kern, _, _ = check(dict(type="CrossEntropyLoss"), x, labels(n, c - 1), weight=rand(n),
+                       max_blocks=2)
+    assert kern.launch["schedule"] == "rows"
+
+
+@pytest.mark.parametrize("c", [17, 200])
+def test_row_losses_dfl_and_knowledge_distillation(c):
+    """Several row passes (KD: two maxima, two sums, a third pass of sums) in registers."""
+    check(dict(type="KnowledgeDistillationKLDivLoss", T=10), logits(300, c, scale=30.0),
+          logits(300, c, scale=30.0))
+    if c == 17:
+        check(dict(type="DistributionFocalLoss"), logits(300, c), rand(300) * 15.99)
+
 def test_sigmoid_cross_entropy_bf16_with_ignored_labels():
     check(dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"),
           logits(dtype=torch.bfloat16), labels(lo=-1))
@@ -448,3 +473,64 @@ def test_zero_weight_exit_none_reduction_keeps_the_host_check(emulated_gpu):
     x = torch.randn(50, 4, generator=gen)
     assert loss(x, x + 1, weight=torch.zeros(50, 4)).shape == ()
     assert loss(x, x + 1, weight=torch.ones(50, 4)).shape == (50, 4)
+
+
+# -- float16 / bfloat16 under a loss scale (Note [Loss scaling on CUDA]) --------------------------
+
+@pytest.mark.parametrize("scale, avg", [(32768.0, None), (65536.0, "tensor")])
+def test_fp16_loss_scaling_flushes_no_more_than_eager(emulated_gpu, scale, avg):
+    """test_fast_path's check on the CUDA kernels: the backward's rescale kernel multiplies the
+    float gradient by the loss scale before rounding, so no more gradient elements are flushed to
+    zero than MMDetection's eager float16 backward flushes, and far fewer than rounding first."""
+    from reference_losses import reference
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    x = (torch.randn(n, 80, generator=g) * 4).half().requires_grad_(True)
+    y = torch.randint(0, 81, (n,), generator=g)
+    kw = {} if avg is None else dict(avg_factor=torch.tensor([n * 80.0]))
+    cfg = dict(type="FocalLoss")
+    ours = lg.compile(cfg, backend="cuda")(x, y, **kw)
+    eager = reference(cfg, x, y, **kw)
+    assert ours.dtype == eager.dtype
+    got, = torch.autograd.grad(ours, x, torch.full_like(ours, scale))
+    ref, = torch.autograd.grad(eager, x, torch.full_like(eager, scale))
+    assert any(name.endswith("_rescale") for e in emulated_gpu.values()
+               for name, _, _ in e.launches)
+    x64 = x.detach().double().requires_grad_(True)
+    exact, = torch.autograd.grad(reference(cfg, x64, y, **{k: v.double() for k, v in kw.items()}),
+                                 x64, torch.full((), scale, dtype=torch.float64).expand(ours.shape))
+    assert torch.isfinite(got).all()
+    zeros, eager_zeros = int((got == 0).sum()), int((ref == 0).sum())
+    rounded_first = int(((exact / scale).half().double() * scale == 0).sum())
+    print(f"\nscale {scale:g}: zeros cuda-emulated {zeros}, eager {eager_zeros}, "
+          f"rounded first {rounded_first}, exact {int((exact == 0).sum())}")
+    assert 0 < rounded_first and zeros <= eager_zeros and zeros < rounded_first
+    assert torch.allclose(got.double(), exact, rtol=2e-3, atol=6e-8)
+
+
+@pytest.mark.parametrize("cfg,dtype", [(dict(type="CrossEntropyLoss"), torch.float16),
+                                       (dict(type="FocalLoss"), torch.bfloat16)])
+def test_loss_scaled_backward_matches_cpp(emulated_gpu, cfg, dtype):
+    """The rescale kernel (rows and elem schedules) gives the cpp backend's float32 gradient times
+    the scale, rounded once; grad_output == 1 leaves the forward's gradient; an in-place edit of
+    pred after the forward falls back to scaling the forward's gradient."""
+    x, y = logits(300, 20, dtype=dtype), labels(300, 19)
+    grads = {}
+    for backend in ("cuda", "cpp"):
+        loss = lg.compile(cfg, backend=backend)
+        p = x.clone().requires_grad_(True)
+        out = loss(p, y, avg_factor=torch.tensor(5000.0))
+        grads[backend] = [torch.autograd.grad(out, p, torch.tensor(s), retain_graph=True)[0]
+                          for s in (1.0, 1024.0, 3.0)]
+    for got, want in zip(grads["cuda"], grads["cpp"]):
+        assert_close(got, want, dtype, "scaled grad")
+    loss = lg.compile(cfg, backend="cuda")
+    p = x.clone().requires_grad_(True)
+    pred = p * 1
+    out = loss(pred, y, avg_factor=torch.tensor(5000.0))
+    with torch.no_grad():
+        pred.mul_(1)   # an in-place write after the forward: the rescale would read it
+    emulated_gpu.pop("lg_scale", None)
+    got = torch.autograd.grad(out, p, torch.tensor(3.0))[0]
+    assert emulated_gpu["lg_scale"].launches, "the fallback scales the forward's gradient"
+    assert_close(got, grads["cpp"][2], dtype, "scaled grad after an in-place write")

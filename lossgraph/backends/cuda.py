@@ -6,8 +6,11 @@ kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in G
   loads and stores, 4 vectors in flight per thread, row values once per vector, a label-free
   vector without any one-hot test, one thread per box; grid-stride with 64-bit indices; the
   row r = i / K is one multiply-high below 2^31 (IntDivider magic), a 64-bit division above.
-- Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): one warp per row; a row sum the
-  lowering turned into a gather (a value read at the label's column) is computed by every lane.
+- Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): Note [Row groups] (cudarows.py):
+  a row of up to 32 * SLOTS columns is held in registers by a group of lanes, its passes
+  straight-line code sharing their values; a longer row gets a warp and a k-loop per pass; row
+  reductions in T, rows summed in double. A row sum the lowering turned into a gather (a value
+  read at the label's column) is computed by every lane.
 - The one-hot split of the lowering (bodies folded for k == y and k != y) becomes a branch
   after the statements both bodies share (the load, the sigmoid): at most one lane of a row
   takes the k == y side.
@@ -21,7 +24,8 @@ kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in G
   per-class tables are compiled into the source, and outputs come from torch's caching
   allocator on the current stream, so a call can be captured in a CUDA graph.
 - fp16/bf16 pred is read as float and all math is float (double for float64); the gradient is
-  stored in pred's dtype, the loss in float32 (float64).
+  stored in pred's dtype, the loss in float32 (float64). Under a loss scale the backward reruns
+  the body scaling the float gradient before it is rounded (Note [Loss scaling on CUDA]).
 - Backward of a scalar loss: scale_grad runs a kernel that returns at once when
   grad_output == 1, so loss.backward() moves no gradient bytes and never syncs.
 - torch.compile: the launch is the custom op lossgraph::cuda_fused with a fake implementation,
@@ -32,7 +36,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +48,13 @@ from .. import cache, codegen
 from ..errors import BackendError, InputError
 from ..inputs import compute_dtype
 from ..ops import Level
-from . import cudavec, nvrtc
-from .base import Artifact, KernelSource, check_call
-from .clower import literal, lower, scalar_loads
+from . import nvrtc
+# rendering lives in cudarender.py; render and its constants stay reachable from here
+from .cudarender import (BLOCK, LABEL_CTYPE, LAUNCH_LINE, STORAGE,  # noqa: F401
+                         UNROLL, launch_info, render)
+from .base import Artifact, check_call
 
 SUFFIX = ".cu"
-BLOCK = 256          # threads per block (8 warps)
-UNROLL = 4           # elements in flight per thread in the 'elem' schedule
-STORAGE = {"float32": "float", "float64": "double", "float16": "lg_half", "bfloat16": "lg_bf16"}
-LABEL_CTYPE = {"int64": "long long", "int32": "int", "int16": "short", "int8": "signed char",
-               "uint8": "unsigned char"}
-LAUNCH_LINE = re.compile(r"^// lossgraph-launch: (.*)$", re.M)
 # C types of the kernel parameters after the tensors, and of the _finish and scale kernels
 MAIN_TAIL = ("ptr", "int", "f64", "i64", "i64", "uint", "uint", "i64", "int", "ptr", "ptr", "ptr")
 FINISH_ARGS = ("ptr", "int", "ptr", "int", "f64", "ptr")
@@ -93,75 +92,6 @@ def components(v) -> dict:
     ver = nvrtc.version() if nvrtc.unavailable_reason() is None else None
     return {"nvrtc": ".".join(map(str, ver)) if ver else "none",
             "nvrtc_options": " ".join(nvrtc.OPTIONS), "block": BLOCK, "unroll": UNROLL}
-
-
-# -- rendering -------------------------------------------------------------------------------------
-
-def render(src: KernelSource) -> str:
-    """Render the fused body as CUDA: the loss/gradient kernel and, when reducing, its combine."""
-    v = src.variant
-    k = lower(src.body, v, src.fn_name)
-    schedule = "rows" if k.passes else "elem"
-    accumulate = k.loss_mode.startswith("acc")
-    params = [("S" if n == "pred" else t, n) for t, n, _ in k.params if n not in k.tables]
-    tables = [(n, [literal(x) for x in k.tables[n]]) for _, n, _ in k.params if n in k.tables]
-    box = schedule == "elem" and any(ld.comp is not None for ld in src.body.inputs())
-    vec = cudavec.vec_width(STORAGE[v.dtype], box)
-    unroll = cudavec.unroll_for(vec) if schedule == "elem" else UNROLL
-    launch = {"schedule": schedule, "accumulate": accumulate, "block": BLOCK, "unroll": unroll,
-              "vec": vec, "box": box, "params": params,
-              "tables": {n: len(vals) for n, vals in tables}}
-    args = "".join(f"const {t}* __restrict__ p_{n}, " for t, n in params)
-    hot = _hot(k)
-    ctypes = {"pred": STORAGE[v.dtype], "T": "double" if v.dtype == "float64" else "float"}
-    ctypes.update({n: ctypes["T"] for t, n in params if t == "T"})
-    tiles = {}
-    if schedule == "elem":
-        hot_ns = None if hot is None else _Hot(**hot)
-        tiles = {f"tile{'' if c > 1 else '1'}": cudavec.tile(k, hot_ns, params, ctypes, vec, c,
-                                                            box, v.grad)
-                 for c in (unroll, 1)}
-        if unroll == 1:
-            tiles["tile"] = tiles["tile1"]
-    vectors = [f"p_{n}" for t, n, a in k.params if a == "elem" and n not in k.tables]
-    vectors += ["grad_out"] * v.grad + ["loss_out"] * (k.loss_mode == "store_elem")
-    aligned = " | ".join(f"(unsigned long long){p}" for p in ["p_pred", *vectors])
-    return codegen.render("cuda/kernel.cu.j2", header=src.header("//"), k=k, hot=hot,
-                          aligned=aligned,
-                          vec=vec, **({"tile": [], "tile1": []} | tiles),
-                          block=BLOCK, unroll=unroll, schedule=schedule, accumulate=accumulate,
-                          double=v.dtype == "float64", label_type=LABEL_CTYPE[v.label_dtype],
-                          storage=STORAGE[v.dtype], tables=tables, tensor_args=args,
-                          scalar_loads=scalar_loads(k.params),
-                          launch=json.dumps(launch, sort_keys=True))
-
-
-class _Hot:
-    """The _hot dict with attribute access (cudavec reads index, common, body0, loss0, grad0)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def _hot(k) -> dict | None:
-    """The one-hot split of the element body (clower's Hot), with the statements both halves
-    start with moved before the branch: the load and the shared math run unconditionally."""
-    if k.hot is None:
-        return None
-    h = k.hot
-    n = 0
-    while n < min(len(h.body0), len(h.body1)) and h.body0[n] == h.body1[n]:
-        n += 1
-    return {"index": h.index, "common": h.body0[:n], "body0": h.body0[n:], "loss0": h.loss0,
-            "grad0": h.grad0, "body1": h.body1[n:], "loss1": h.loss1, "grad1": h.grad1}
-
-
-def launch_info(source: str) -> dict:
-    """The launch facts a rendered source records in its `// lossgraph-launch:` line."""
-    m = LAUNCH_LINE.search(source)
-    if m is None:
-        raise BackendError("CUDA source has no '// lossgraph-launch:' line")
-    return json.loads(m.group(1))
 
 
 def device_target(index: int | None = None) -> str:
@@ -432,6 +362,8 @@ def run(artifact: Artifact, call, meta):
     else:
         denom, value = None, float(d or 0.0)
     loss, g = _launch(kern, pred, ptrs, denom, value, meta.variant.grad, None)
+    if g is not None and "rescale" in kern.launch:   # Note [Loss scaling on CUDA]
+        call.cuda_versions = _versions(call)
     if g is None or g.shape == call.pred.shape:
         return loss, g
     return loss, g.view(call.pred.shape)
@@ -502,12 +434,17 @@ def _scaler() -> CudaKernel:
     return CudaKernel("lg_scale", src, folder, {}, "sum", Level.SCALAR)
 
 
-def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor,
+def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor, call=None,
                launcher: Callable | None = None) -> torch.Tensor:
-    """grad.mul_(g) for a 0-d grad_output g, on the device, skipped there when g == 1."""
+    """grad.mul_(g) for a 0-d grad_output g, on the device, skipped there when g == 1; for a
+    float16/bfloat16 gradient of `call`, the kernel's rescale instead (Note [Loss scaling on CUDA])."""
     if _compiling() or g.device != grad.device or not grad.is_contiguous() \
             or g.dtype not in SCALE_KINDS or grad.dtype not in SCALE_KINDS:
         return grad.mul_(g.to(grad.dtype))
+    kern = artifact.info.get("kernel") if artifact is not None and call is not None else None
+    if kern is not None and "rescale" in kern.launch and \
+            getattr(call, "cuda_versions", None) == _versions(call):
+        return _rescale(kern, call, grad, g)
     name = SCALE_KINDS[grad.dtype][0]
     mod = (launcher or _scaler().launcher)(grad.device)
     fn = f"lg_scale_{name}"
@@ -515,4 +452,47 @@ def scale_grad(artifact: Artifact, grad: torch.Tensor, g: torch.Tensor,
     blocks = max(1, min(math.ceil(n / (BLOCK * UNROLL)), mod.max_blocks(fn, BLOCK)))
     mod.launch(fn, blocks, BLOCK, (grad.data_ptr(), n, g.data_ptr(), SCALE_KINDS[g.dtype][4]),
                SCALE_ARGS)
+    return grad
+
+
+# Note [Loss scaling on CUDA]: a float16 gradient rounded before a GradScaler's loss scale
+# multiplies it loses every element below float16's subnormals (2^-24), which a mean over many
+# elements is full of; MMDetection's eager backward keeps more of them. The cpp and torchscript
+# kernels return a float32 gradient (Note [Loss scaling in float32]); on the GPU that would move
+# 2 + 4 bytes per element in the forward and 4 + 2 more in the backward, even when
+# grad_output == 1 (bfloat16 training without a scaler). Instead the forward stays as it is (a
+# gradient in pred's dtype, 2 + 2 bytes), and a half kernel with a reduced loss has a second
+# entry, <name>_rescale: the same body with the gradient multiplied by grad_output in float and
+# rounded once, and no loss. The backward launches it on the call's inputs instead of scaling the
+# rounded gradient: it reads pred (and the inputs) again and writes the gradient in place, as
+# many bytes as the scale kernel's read and write, and like it every block returns at once when
+# grad_output == 1 (read on the device: no sync). It re-reads the inputs at backward time, so the
+# forward records their version counters on the call; when one has changed (an in-place edit
+# after the forward) the backward scales the forward's gradient, as before.
+
+def _versions(call) -> tuple:
+    """The version counters of the call's tensors (a changed one means an in-place write)."""
+    d = call.denom
+    return (call.pred._version, *[t._version for t in call.tensors.values()],
+            d._version if isinstance(d, torch.Tensor) else None)
+
+
+def _rescale(kern: CudaKernel, call, grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """grad = round(kernel gradient * g): the rescale kernel, written into grad in place."""
+    ptrs: list = []
+    pred, _inputs = prepare(call, kern, ptrs)
+    denom, value = denominator(call, pred.device)
+    rows, width = pred.shape
+    key = (pred.shape, pred.device, pred.dtype, None, get_ident())
+    plan = kern.plans.get(key)
+    if plan is None:
+        plan = kern.plans[key] = _plan(kern, pred.device, rows, width, pred.dtype,
+                                       len(ptrs) - 1, None)
+    dptr, dkind = (0, 0) if denom is None else \
+        (denom.data_ptr(), 1 if denom.dtype == torch.float32 else 2)
+    mod = kern.launcher(pred.device)
+    kinds = ("ptr",) * len(ptrs) + MAIN_TAIL + ("ptr", "int")
+    mod.launch(f"{kern.name}_rescale", plan.blocks, kern.launch["block"],
+               (*ptrs, dptr, dkind, value, *plan.fixed, 0, grad.data_ptr(), 0, g.data_ptr(),
+                SCALE_KINDS[g.dtype][4]), kinds)
     return grad

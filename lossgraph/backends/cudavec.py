@@ -174,7 +174,7 @@ def _vector_math(k, hot, u, vecs, ctypes, vec, box, grad, rows) -> list[str]:
         inner += ["  " + s for s in idx + ["(void)i;" + (" (void)k;" if not flat else "")]]
         inner += ["  " + s for s in _elem_lanes(stmts, u, j, vecs, ctypes, vec, flat)]
         if grad and gexpr:
-            inner.append(f"  g{j} = {gexpr};")
+            inner.append(f"  g{j} = LG_GRAD({gexpr});")
         if elem_loss:
             inner.append(f"  l{j} = {loss};")
         inner.append("}")

@@ -440,6 +440,8 @@ def test_zero_weight_exits_make_no_host_sync(emulated_gpu, monkeypatch, cfg, wei
     pred = torch.cat([xy, xy + 1 + rand(n, 2) * 10], 1)
     tgt = pred + torch.randn(n, 4, generator=gen)
     shape = (n, 4) if weight == "elem" else (n,)
+    pred[7, 1] = float("nan")   # the exit's gradient is weight = 0 there (Note [Gated exit
+    pred[9, 2] = float("inf")   # gradient]), the loss NaN, as MMDetection's (pred * w).sum()
     for w in (rand(*shape), torch.zeros(shape), -rand(*shape)):
         got, want = [], []
         for backend, out in (("cuda", got), ("cpp", want)):

@@ -42,15 +42,21 @@ def _area(b):
 
 
 def overlaps(pred, target, eps, giou=False):
-    """bbox_overlaps(is_aligned=True): union and enclosing area are max(., eps)."""
+    """bbox_overlaps(is_aligned=True): union and enclosing area are max(., eps).
+
+    Section 2.2: a max with an eps tensor, not a clamp. The values agree, the gradients differ
+    at a NaN: maximum's backward passes the gradient to a NaN operand (none of its masks hold),
+    clamp's sends it 0, so a NaN coordinate makes the whole row's gradient NaN in MMDetection,
+    and a clamp here gave NaN in two columns and 0 in the other two."""
     p, t = _cols(pred), _cols(target)
     inter = _inter(p, t)
-    union = torch.clamp(_area(p) + _area(t) - inter, min=eps)
+    floor = inter.new_tensor(eps)
+    union = torch.maximum(_area(p) + _area(t) - inter, floor)
     iou = inter / union
     if not giou:
         return iou
     ew, eh = _enclosing(p, t, 0)
-    enclose = torch.clamp(ew * eh, min=eps)
+    enclose = torch.maximum(ew * eh, floor)
     return iou - (enclose - union) / enclose
 
 

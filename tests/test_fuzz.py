@@ -11,6 +11,11 @@ failure names its case, and `LOSSGRAPH_FUZZ_CASE=<fuzzer>:<seed>:<index>` reruns
 
 The default suite runs 2000 cases; `pytest -m fuzz tests/test_fuzz.py` runs 16800 more (other
 seeds, every call plan). A run reports every failing case, not only the first.
+
+Note [Fuzz counts]: the long sweep (`python -m pytest -q -p no:xdist -m fuzz tests/test_fuzz.py`,
+12000 built-in cases and 4800 programs, 2 min 52 s on 2 busy cores) had 65 failing cases in
+an earlier run, before fixes now on main; since then it has 0 failures of 16800, both before
+and after the KD/Seesaw shift and GIoU joining the non-finite cases.
 """
 from __future__ import annotations
 
@@ -186,7 +191,7 @@ CASES = [
     Case(dict(type="SmoothL1Loss", beta=0.3, loss_weight=3.0), _reg, nonfinite=True),
     Case(dict(type="MSELoss"), _reg, nonfinite=True),
     Case(dict(type="BalancedL1Loss"), _reg, nonfinite=True),
-    Case(dict(type="GIoULoss"), _box, zoo_reference),
+    Case(dict(type="GIoULoss"), _box, zoo_reference, nonfinite=True),
     Case(dict(type="CIoULoss"), _box, zoo_reference, nonfinite=True),
     Case(dict(type="QualityFocalLoss"), _qfl, zoo_reference, classes=(2, 5, 9)),
     Case(dict(type="DistributionFocalLoss"), _dfl, zoo_reference, classes=(2, 5, 17)),
@@ -199,9 +204,9 @@ ROWS = (0, 1, 2, 3, 7, 40)
 # Note [Non-finite inputs in the fuzzer]: a NaN or an infinity goes into pred (outside row 0) for
 # the losses whose float64 reference computes MMDetection's own non-finite results. Elsewhere
 # the references use more stable formulas than MMDetection's torch calls (FocalLoss at x = -inf:
-# torch's BCE gives NaN, the reference inf) or torch autograd spreads a NaN over a whole
-# softmax row where the kernels keep it in its column; those differences are listed in the issue
-# notes rather than asserted here.
+# torch's BCE gives NaN, the reference inf; the softmax references' logsumexp is not torch's at
+# +-inf), so a non-finite pred there would test the reference, not the kernel. GIoU joined once
+# its reference took bbox_overlaps' max(union, eps) instead of a clamp (reference_zoo.overlaps).
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
 

@@ -61,9 +61,31 @@ def zero_weight_forward(module, a, record=None):
     the loss's dtype. 'none' keeps the host check: the early exit changes the result's shape."""
     if not _device_select(module, a):
         return module.run_pipeline(a, record)     # the CPU path may keep a call plan
-    out = module.run_pipeline({**a, DEVICE_EXIT: True})
-    early = _early_value(a["pred"], a["weight"].to(a["pred"].device))
-    return torch.where(torch.any(a["weight"] > 0).to(out.device), out, early.to(out.dtype))
+    pred = a["pred"]
+    keep = torch.any(a["weight"] > 0).to(pred.device)
+    gated = _Gate.apply(pred, keep) if pred.requires_grad else pred
+    out = module.run_pipeline({**a, "pred": gated, DEVICE_EXIT: True})
+    early = _early_value(pred, a["weight"].to(pred.device))
+    return torch.where(keep.to(out.device), out, early.to(out.dtype))
+
+
+class _Gate(torch.autograd.Function):
+    """Identity on pred whose backward keeps the gradient where `keep`, else exact zeros.
+
+    Note [Gated exit gradient]: when the early value is selected, torch.where sends 0 to the
+    normal loss, and the kernel's stored gradient times 0 is NaN wherever pred is NaN or the
+    gradient is infinite; MMDetection's exit, (pred * weight).sum(), has the gradient
+    weight = 0 there. A select (not a product) after the kernel's backward gives that 0."""
+
+    @staticmethod
+    def forward(ctx, pred, keep):
+        ctx.save_for_backward(keep)
+        return pred.view_as(pred)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
 
 
 zero_weight_forward.plannable = True   # runtime.CompiledLoss: Note [Call plans] may record it

@@ -192,6 +192,13 @@ def seesaw_loss(pred, target, use_sigmoid: bool = False, p: float = 0.8, q: floa
     their product; the two agree to float rounding (and K's test s_j / max(s_y, eps) > 1 is the
     same test on the logs).
 
+    Note [Seesaw shifted first]: the row max of the class logits is subtracted before log(M K)
+    is added: at |z| = 2^20 z + log(M K) rounds to an eighth, as it does in MMDetection (an
+    error of 2e4 ulps of the loss), while z - max z is exact (Sterbenz) and small, so the sum
+    rounds relative to a small number. The CE is the same in exact arithmetic (it is invariant
+    under a shift of the row); the shift carries no gradient, as a shift of a softmax has none,
+    and a row with NaN or +inf still gives NaN (inf - inf).
+
     Note [Seesaw background rows]: MMDetection computes the class part on the selected positive
     rows only, so a background row's logits never enter it: pred is replaced by 0 there, the
     row's loss and gradient fold to 0 and the cpp kernel skips the row (Note [Skipped rows]).
@@ -203,20 +210,20 @@ def seesaw_loss(pred, target, use_sigmoid: bool = False, p: float = 0.8, q: floa
     x = where(pos, pred, 0.0)   # Note [Seesaw background rows]
     k = class_index(pred)
     z = where(k < num_classes, x, -math.inf)
+    z = z - stop_gradient(rowmax(z))   # Note [Seesaw shifted first]
     log_factor = None
     if p > 0:       # mitigation: (N_j / N_y)^p where class j has fewer samples than the label y
         counts = clamp(col_input(CUM), min=1.0)
         ratio = counts / take(counts, target)
         log_factor = where(ratio < 1.0, p * log(ratio), 0.0)
     if q > 0:       # compensation: (s_j / max(s_y, eps))^q where class j scores above the label
-        zd = stop_gradient(z)
-        top = rowmax(zd)
-        log_total = log(rowsum(exp(zd - top)))
-        log_s_y = maximum(take(zd, target) - top - log_total, math.log(eps))
-        log_ratio = (zd - top - log_total) - log_s_y
+        zd = stop_gradient(z)   # its row max is 0 already (NaN in a row with NaN or +inf)
+        log_total = log(rowsum(exp(zd)))
+        log_s_y = maximum(take(zd, target) - log_total, math.log(eps))
+        log_ratio = (zd - log_total) - log_s_y
         comp = where(log_ratio > 0.0, q * log_ratio, 0.0)
         log_factor = comp if log_factor is None else log_factor + comp
     if log_factor is not None:
         z = where(k == target, z, z + log_factor)
-    nll = logsumexp(z) - take(x, target)
+    nll = logsumexp(z) - take(z, target)
     return where(pos, nll, 0.0)

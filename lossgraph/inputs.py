@@ -100,12 +100,42 @@ def check_label_range(name: str, labels: torch.Tensor, lo: int, hi: int, what: s
     (one loop, no temporaries, ~1 us for a small tensor); torch finds the range for the message."""
     if labels.device.type != "cpu" or labels.numel() == 0:
         return
-    from .backends.cpp import in_range
-    if in_range(labels, lo, hi):
+    if _in_range(labels, lo, hi):
         return
     mn, mx = (int(x) for x in torch.aminmax(labels))
     if mn < lo or mx > hi:
         fail(name, f"labels must be in [{lo}, {hi}] ({what}), got values in [{mn}, {mx}]")
+
+
+def planned_label_range(name: str, labels: torch.Tensor, lo: int, hi: int,
+                        what: str) -> Callable[[torch.Tensor], None]:
+    """check_label_range for the repeats of a call plan, whose labels have `labels`' shape,
+    dtype, device and strides: the native helper is looked up once, and only a failing pass
+    goes through check_label_range (which raises its usual error)."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return _no_check
+    from .backends.cpp import _range_functions
+    fn, n = _range_functions().get(labels.dtype), labels.numel()
+    if fn is None or not labels.is_contiguous():
+        return lambda t: check_label_range(name, t, lo, hi, what)
+
+    def check(t: torch.Tensor) -> None:
+        if not fn(t.data_ptr(), n, lo, hi):
+            check_label_range(name, t, lo, hi, what)
+    return check
+
+
+def _no_check(t: torch.Tensor) -> None:
+    return None
+
+
+def _in_range(t: torch.Tensor, lo: int, hi: int) -> bool | None:
+    """backends.cpp.in_range, imported on first use (cpp imports this module); the first call
+    puts it in this global's place, so later calls go straight to it."""
+    global _in_range
+    from .backends.cpp import in_range
+    _in_range = in_range
+    return in_range(t, lo, hi)
 
 
 # -- weight broadcasting ------------------------------------------------------------------------

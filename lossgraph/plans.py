@@ -16,6 +16,7 @@ under torch.compile tracing. Plans hold no tensors of a call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter, methodcaller
 from typing import Any, Callable
 
 import torch
@@ -27,20 +28,46 @@ from .ops import Level
 
 MAX_PLANS = 64                   # per module; the oldest plan goes first
 UNPLANNED_HOOKS = ("forward", "bind_target", "avg_factor")
-TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
-def _compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)
-    return bool(f()) if f is not None else False
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
+_grad_enabled = torch.is_grad_enabled
+_PLAIN = (torch.Tensor, nn.Parameter)
+_META = attrgetter("shape", "dtype", "device", "requires_grad")
+_STRIDE = methodcaller("stride")
+_UNSEEN = object()
+_new = object.__new__
+assert not hasattr(I.Call, "__post_init__") and not hasattr(I.Call, "__slots__")  # Plan.bound
 
 
-def _sig(x, value: bool) -> Any:
-    if type(x) in TENSOR_TYPES:
-        return (x.shape, x.dtype, x.device, x.stride(), x.requires_grad)
-    if isinstance(x, torch.Tensor):
-        raise TypeError("a tensor subclass: not planned")
-    return (type(x), x) if value else type(x)
+def _never(args: tuple, kwargs: dict) -> tuple[None, None]:
+    return None, None
+
+
+def arg_getter(slots: list) -> Callable[[tuple, dict], tuple]:
+    """(args, kwargs) -> the values at slots (positional indices, keyword names, or None for
+    an absent argument) as a tuple, in order, by C-level itemgetters."""
+    if None in slots:
+        return lambda a, k: tuple(None if s is None else a[s] if type(s) is int else k[s]
+                                  for s in slots)
+    pos = [s for s in slots if type(s) is int]
+    kw = [s for s in slots if type(s) is not int]
+    if not kw:
+        get_a = _tuple_getter(pos)
+        return lambda a, k: get_a(a)
+    get_a, get_k = _tuple_getter(pos), _tuple_getter(kw)
+    order = _tuple_getter([(pos + kw).index(s) for s in slots])
+    return lambda a, k: order(get_a(a) + get_k(k))
+
+
+def _tuple_getter(keys: list) -> Callable[[Any], tuple]:
+    """container -> (container[k] for k in keys) as a tuple, by one C-level itemgetter call."""
+    if not keys:
+        return lambda c: ()
+    if len(keys) == 1:
+        k = keys[0]
+        return lambda c: (c[k],)
+    return itemgetter(*keys)
 
 
 @dataclass
@@ -58,6 +85,10 @@ class Plan:
     shape: Any                     # the loss shape of a 'none' reduction, else None
     scale: Callable | None
     hooks: dict[str, Callable]
+    run: Callable | None = None    # the direct path (direct.py), when the call allows it
+
+    def roles(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return {r: (args[s] if type(s) is int else kwargs[s]) for r, s in self.slots.items()}
 
     def arg(self, role: str, args: tuple, kwargs: dict):
         s = self.slots.get(role)
@@ -68,22 +99,44 @@ class Plan:
     def bind(self, spec, args: tuple, kwargs: dict):
         """The Call of a repeat, or the early-exit result when the loss takes one."""
         if "early_exit" in self.hooks:
-            a = {r: (args[s] if type(s) is int else kwargs[s]) for r, s in self.slots.items()}
-            out = self.hooks["early_exit"](spec, a)
+            out = self.hooks["early_exit"](spec, self.roles(args, kwargs))
             if out is not None:
                 return out
-        c = self.call
-        call = I.Call(c.name, self.arg("pred", args, kwargs), c.target_form,
-                      {self.target_key: self.arg("target", args, kwargs)}, c.weight_access,
-                      c.reduction, None, c.out_dtype, (), c.params)
-        if self.weight_shape is not None:
-            w = self.arg("weight", args, kwargs)
-            call.tensors["weight"] = w if w.shape == self.weight_shape else w.view(self.weight_shape)
+        call = self.bound(args, kwargs)
         if "check" in self.hooks:
             self.hooks["check"](spec, call)
+        self.finish(spec, call, args, kwargs)
+        cache.STATS["memory_hits"] += 1
+        return call
+
+    def __post_init__(self):
+        c = self.call
+        roles = ("pred", "target", "weight") if self.weight_shape is not None else ("pred", "target")
+        self._pick = arg_getter([self.slots.get(r) for r in roles])
+        self._fields = {"name": c.name, "target_form": c.target_form,
+                        "weight_access": c.weight_access, "reduction": c.reduction, "denom": None,
+                        "out_dtype": c.out_dtype, "out_shape": (), "params": c.params}
+
+    def bound(self, args: tuple, kwargs: dict) -> I.Call:
+        """The repeat's Call as run_pipeline has it when the 'check' hook runs (no denominator).
+
+        Note [Building a Call]: I.Call's dataclass __init__ only assigns its fields; here the
+        instance dict is filled in one update from the recorded fields instead (a third of the
+        work, on every planned call of a loss with a 'check' hook)."""
+        got = self._pick(args, kwargs)
+        tensors = {self.target_key: got[1]}
+        ws = self.weight_shape
+        if ws is not None:
+            w = got[2]
+            tensors["weight"] = w if w.shape == ws else w.view(ws)
+        call = _new(I.Call)
+        call.__dict__.update(self._fields, pred=got[0], tensors=tensors)
+        return call
+
+    def finish(self, spec, call: I.Call, args: tuple, kwargs: dict) -> I.Call:
+        """The result dtype and the denominator: the rest of the binding."""
         I.promote(spec, call)
         I.bind_denominator(call, self.arg("avg_factor", args, kwargs), self.level)
-        cache.STATS["memory_hits"] += 1
         return call
 
 
@@ -96,20 +149,76 @@ class Plans:
         self.avg_index = next((i for i, n in enumerate(positional)
                                if roles.get(n, n) == "avg_factor"), -1)
         self._plans: dict[tuple, Plan] = {}
+        self.forms: dict[tuple, Callable] = {}     # call form -> keyer (Note [Signature key])
+
+    def lookup(self, args: tuple, kwargs: dict) -> tuple[tuple | None, Plan | None]:
+        """(the call's signature, its plan): (None, None) when the call cannot be planned.
+
+        Note [Signature key]: every call pays for this, so it is a few C-level calls rather than
+        Python work per argument. The call's form (each argument's type, the keyword names)
+        selects a keyer made once per form (_keyer); it picks the tensors and the values with
+        itemgetters and reads every tensor's (shape, dtype, device, requires_grad) and strides
+        with map. The key is (form, grad mode, those, the values but avg_factor's, whose type
+        is in the form). A form with a tensor subclass, or too many positional arguments, has
+        no keyer: such calls are never planned.
+        """
+        if _is_compiling():
+            return None, None
+        form = (*map(type, args), *kwargs, *map(type, kwargs.values())) if kwargs else \
+            tuple(map(type, args))
+        keyer = self.forms.get(form)
+        return (keyer or self.keyer(form))(args, kwargs)
+
+    def keyer(self, form: tuple) -> Callable[[tuple, dict], tuple]:
+        """The (args, kwargs) -> (key, plan) function of a call form, made once per form."""
+        keyer = self._keyer(form) or _never
+        if len(self.forms) >= MAX_PLANS:
+            self.forms.clear()
+        self.forms[form] = keyer
+        return keyer
+
+    def _keyer(self, form: tuple) -> Callable | None:
+        """The key function of a call form (Note [Signature key]), or None: never planned.
+
+        A form is the positional arguments' types, then the keyword names (str instances,
+        which no type is), then the keywords' types."""
+        npos = next((i for i, t in enumerate(form) if isinstance(t, str)), len(form))
+        ptypes, rest = form[:npos], form[npos:]
+        names, ktypes = rest[:len(rest) // 2], rest[len(rest) // 2:]
+        if len(ptypes) > len(self.positional):
+            return None
+        if any(issubclass(t, torch.Tensor) and t not in _PLAIN for t in (*ptypes, *ktypes)):
+            return None                  # a tensor subclass: not planned
+        tp = [i for i, t in enumerate(ptypes) if t in _PLAIN]
+        vp = [i for i, t in enumerate(ptypes) if t not in _PLAIN and i != self.avg_index]
+        tk = [n for n, t in zip(names, ktypes) if t in _PLAIN]
+        vk = [n for n, t in zip(names, ktypes)
+              if t not in _PLAIN and self.roles.get(n, n) != "avg_factor"]
+        tensors = arg_getter(tp + tk)
+        values = arg_getter(vp + vk) if vp or vk else None
+        get = self._plans.get
+        if values is None and not tk and tp == list(range(len(ptypes))):
+            def keyer(a, k):             # every argument a tensor, passed by position
+                key = (form, _grad_enabled(), *map(_META, a), *map(_STRIDE, a))
+                return key, get(key)     # (tensor metadata always hashes)
+        elif values is None:
+            def keyer(a, k):
+                ts = tensors(a, k)
+                key = (form, _grad_enabled(), *map(_META, ts), *map(_STRIDE, ts))
+                return key, get(key)
+        else:
+            def keyer(a, k):
+                ts = tensors(a, k)
+                key = (form, _grad_enabled(), *map(_META, ts), *map(_STRIDE, ts), values(a, k))
+                try:
+                    return key, get(key)
+                except TypeError:        # an unhashable argument value
+                    return None, None
+        return keyer
 
     def key(self, args: tuple, kwargs: dict) -> tuple | None:
         """The call's signature, or None when it cannot be planned."""
-        if len(args) > len(self.positional) or _compiling():
-            return None
-        try:
-            k = (torch.is_grad_enabled(),
-                 tuple(_sig(x, i != self.avg_index) for i, x in enumerate(args)),
-                 tuple((n, _sig(x, self.roles.get(n, n) != "avg_factor"))
-                       for n, x in kwargs.items()))
-            hash(k)
-        except TypeError:
-            return None
-        return k
+        return self.lookup(args, kwargs)[0]
 
     def get(self, key: tuple) -> Plan | None:
         return self._plans.get(key)

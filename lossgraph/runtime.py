@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import buffers, plans
+from . import direct, plans
+from .direct import rounded as _rounded, scaled as _scaled
 from . import input_grads as IG
 from . import inputs as I
 from .build import Variant
@@ -36,6 +37,9 @@ def _signature(names: tuple[str, ...]) -> inspect.Signature:
     return inspect.Signature(params)
 
 
+_is_compiling = plans._is_compiling
+
+
 @functools.lru_cache(maxsize=None)
 def forward_class(name: str, forward: tuple[str, ...], doc: str) -> type:
     """The CompiledLoss subclass whose `forward` shows loss `name`'s MMDetection signature.
@@ -48,9 +52,11 @@ def forward_class(name: str, forward: tuple[str, ...], doc: str) -> type:
     sig = _signature(forward)
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
-    def fwd(self, *args, **kwargs):
-        return CompiledLoss.forward(self, *args, **kwargs)
-
+    # CompiledLoss.forward itself under a new name and signature, not a wrapper calling it:
+    # a frame less on every call (Note [Direct plans])
+    base = CompiledLoss.forward
+    fwd = types.FunctionType(base.__code__, base.__globals__, "forward", base.__defaults__,
+                             base.__closure__)
     fwd.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
     fwd.__doc__ = f"{name}.forward{sig}, as in MMDetection 3.3.0.\n\n{doc}".rstrip()
     fwd.__name__ = "forward"
@@ -101,30 +107,6 @@ class _Fused(torch.autograd.Function):
         return _scaled(grad, g, ctx.dtype), None, None, None, None, None, None
 
 
-def _rounded(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if grad.dtype == dtype:
-        return grad
-    out = buffers.empty(grad.shape, dtype) if grad.device.type == "cpu" else \
-        torch.empty_like(grad, dtype=dtype)
-    return out.copy_(grad)
-
-
-def _scaled(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad * g in pred's dtype.
-
-    Note [Loss scaling in float32]: for float16/bfloat16 pred the backend returns the gradient
-    in float32 (cpp, torchscript); it is multiplied by grad_output (a GradScaler's loss scale) in
-    float32 and rounded to pred's dtype once, after scaling. Rounding first, as a float16
-    gradient would, flushes the small gradients of a mean over many elements to zero before the
-    loss scale could lift them into float16's range.
-    """
-    if grad.dtype == dtype:
-        return grad.mul_(g.to(dtype))
-    out = buffers.empty(grad.shape, dtype) if grad.device.type == "cpu" else \
-        torch.empty_like(grad, dtype=dtype)
-    return torch.mul(grad, g.to(grad.dtype), out=out)
-
-
 class _RowCoupledNone(torch.autograd.Function):
     """reduction='none' for a per-element loss whose element (r, k) reads other columns of row r.
 
@@ -156,6 +138,15 @@ class _RowCoupledNone(torch.autograd.Function):
         summed = dataclasses.replace(call, reduction="sum", weight_access="elem", denom=None,
                                      tensors={**call.tensors, "weight": g.reshape(-1)})
         return module.compiler.get(module.variant(summed, True)).run(summed)[1], None, None, None
+
+
+def _replay(plan: plans.Plan, module, args: tuple, kwargs: dict):
+    """A repeat through its plan's generic replay (Note [Call plans])."""
+    call = plan.bind(module.spec, args, kwargs)
+    if not isinstance(call, I.Call):
+        return call      # the loss's early exit
+    module.__dict__["_last"] = plan.cv
+    return _apply(module, call, plan.launch, plan.grad, plan.shape, plan.level, plan.scale)
 
 
 def _apply(module, call: I.Call, run, grad: bool, shape, level: Level, scale):
@@ -263,16 +254,14 @@ class CompiledLoss(nn.Module):
 
     # -- calling ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        book = self._plans
-        key = book.key(args, kwargs) if book is not None else None
-        if key is not None:
-            plan = book.get(key)
+        book, key = self._plans, None
+        if book is not None and not _is_compiling():   # Plans.lookup, inlined: a frame less
+            form = (*map(type, args), *kwargs, *map(type, kwargs.values())) if kwargs else \
+                tuple(map(type, args))
+            key, plan = (book.forms.get(form) or book.keyer(form))(args, kwargs)
             if plan is not None:     # a repeat: see Note [Call plans]
-                call = plan.bind(self.spec, args, kwargs)
-                if not isinstance(call, I.Call):
-                    return call      # the loss's early exit
-                self._last = plan.cv
-                return _apply(self, call, plan.launch, plan.grad, plan.shape, plan.level, plan.scale)
+                run = plan.run       # Note [Direct plans], else the generic replay
+                return run(self, args, kwargs) if run is not None else _replay(plan, self, args, kwargs)
         roles = self._roles(args, kwargs)
         hooks = self.spec.loss.hooks
         if roles.get("reduction_override") is not None and "early_exit" not in hooks:
@@ -393,10 +382,13 @@ class CompiledLoss(nn.Module):
             return
         launch = cv.backend.plan(cv.artifact, call, cv.meta) if cv.backend.plan else None
         hooks = {k: f for k, f in self.spec.loss.hooks.items() if k in ("early_exit", "check")}
-        self._plans.add(key, plans.Plan(
+        plan = plans.Plan(
             self._plans.slots(args, kwargs), "label" if call.target_form == "labels" else "target",
-            w, before, level, cv, launch or cv.run, grad,
-            call.loss_shape(level) if call.reduction == "none" else None, cv.scale_grad, hooks))
+            w, before, level, cv, _call_launcher(launch) if launch else cv.run, grad,
+            call.loss_shape(level) if call.reduction == "none" else None, cv.scale_grad, hooks)
+        plan.run = direct.build(plan, cv, launch, call, a, self.spec,
+                                lambda m, xs, kw: _replay(plan, m, xs, kw))
+        self._plans.add(key, plan)
 
     def _check_grad_inputs(self, call: I.Call, roles: dict[str, Any] | None = None) -> None:
         """Warn once about an argument that requires grad but gets no gradient: one that a loss's
@@ -409,6 +401,12 @@ class CompiledLoss(nn.Module):
             self._warned_grad = True
             warnings.warn(f"{self.spec.name}: {', '.join(missed)} require grad but lossgraph "
                           f"gives them no gradient", stacklevel=4)
+
+
+def _call_launcher(launch):
+    """A backend launcher (tensors in launch.inputs order, denominator) as call -> (loss, grad)."""
+    names = launch.inputs
+    return lambda c: launch(tuple(c.pred if n == "pred" else c.tensors[n] for n in names), c.denom)
 
 
 def _grad_tensors(roles: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

@@ -164,3 +164,117 @@ def test_fp16_loss_scaling_flushes_no_more_than_eager(backend, scale, avg):
     rounded_first = int(((exact / scale).half().double() * scale == 0).sum())
     assert 0 < rounded_first and zeros <= eager_zeros and zeros < rounded_first
     assert torch.allclose(got.double(), exact, rtol=2e-3, atol=6e-8)
+
+
+# -- the direct path (direct.py, Note [Direct plans]) -----------------------------------------
+
+DIRECT_CALLS = [
+    lambda x, y, w: ((y, w), dict(avg_factor=7.0)),
+    lambda x, y, w: ((y,), dict(weight=w, avg_factor=torch.tensor([5.0]))),
+    lambda x, y, w: ((y, w, 3), {}),
+    lambda x, y, w: ((y, w), {}),
+    lambda x, y, w: ((y, w, None, "none"), {}),
+    lambda x, y, w: ((y,), dict(reduction_override="sum")),
+]
+
+
+def _generic(loss):
+    """The module's plans with their direct paths removed (the generic replay)."""
+    for p in loss._plans._plans.values():
+        p.run = None
+
+
+@pytest.mark.parametrize("i", range(len(DIRECT_CALLS)))
+def test_the_direct_path_equals_the_generic_replay_bit_for_bit(i):
+    loss = lg.compile(dict(type="FocalLoss"), backend="cpp")
+    x, y, w = focal_args(i)
+    args, kw = DIRECT_CALLS[i](x, y, w)
+    first = run(loss, x, *args, **kw)
+    plan, = loss._plans._plans.values()
+    assert plan.run is not None
+    direct = run(loss, x, *args, **kw)
+    _generic(loss)
+    generic = run(loss, x, *args, **kw)
+    for a, b in ((first, direct), (generic, direct)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].dtype == b[0].dtype and a[0].shape == b[0].shape
+        assert a[1].stride() == b[1].stride()
+
+
+def test_direct_losses_never_alias_and_inputs_are_untouched():
+    loss = lg.compile(dict(type="FocalLoss"), backend="cpp")
+    x, y, w = focal_args()
+    saved = [t.detach().clone() for t in (x, y, w)]
+    outs = [loss(x, y, w, avg_factor=3.0) for _ in range(3)]
+    x2 = (x.detach() * 0.5).requires_grad_(True)
+    outs.append(loss(x2, y, w, avg_factor=3.0))
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[3])
+    for o in outs:
+        o.backward()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(saved, (x, y, w)))
+
+
+def test_direct_backward_scales_retains_and_double_backwards():
+    loss = lg.compile(dict(type="FocalLoss"), backend="cpp")
+    x, y, w = focal_args()
+    loss(x, y, w)
+    out = loss(x, y, w)                       # direct
+    g1, = torch.autograd.grad(out, x, torch.tensor(2.5), retain_graph=True)
+    g2, = torch.autograd.grad(out, x, torch.tensor(2.5))          # the kernel runs again
+    assert torch.equal(g1, g2)
+    x64 = x.detach().double().requires_grad_(True)
+    want, = torch.autograd.grad(reference(dict(type="FocalLoss"), x64, y, w.double()), x64)
+    assert torch.allclose(g1.double(), 2.5 * want, rtol=1e-5)
+    out = loss(x, y, w)
+    g, = torch.autograd.grad(out, x, create_graph=True)          # create_graph: the reference
+    assert g.requires_grad and torch.allclose(g.double(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_the_direct_label_check_raises_the_hooks_error():
+    loss = lg.compile(dict(type="FocalLoss"), backend="cpp")
+    x, y, w = focal_args()
+    loss(x, y, w, avg_factor=2.0)
+    assert next(iter(loss._plans._plans.values())).run is not None
+    bad = y.clone()
+    bad[5] = C + 3
+    with pytest.raises(InputError, match=r"labels must be in \[0, 10\] \(10 = background\), "
+                                         r"got values in \[0, 13\]"):
+        loss(x, bad, w, avg_factor=2.0)
+    assert torch.equal(loss(x, y, w, avg_factor=2.0), loss(x, y, w, avg_factor=2.0))
+
+
+def test_direct_plans_from_several_threads():
+    import threading
+    loss = lg.compile(dict(type="FocalLoss"), backend="cpp")
+    cases = [focal_args(s, n) for s, n in ((1, 16), (2, 40), (3, 16))]
+    want = [run(loss, x, y, w, avg_factor=5.0) for x, y, w in cases]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(30):
+                x, y, w = cases[k % 3]
+                xk = x.detach().clone().requires_grad_(True)
+                got = run(loss, xk, y, w, avg_factor=5.0)
+                assert torch.equal(got[0], want[k % 3][0]) and torch.equal(got[1], want[k % 3][1])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_direct_inspection_and_compile_tracing_skip_plans():
+    loss = lg.compile(dict(type="FocalLoss"), backend="cpp")
+    x, y, w = focal_args()
+    loss(x, y, w)
+    loss._last = None
+    loss(x, y, w)                             # the direct path records the kernel it ran
+    assert loss._last is not None and "lossgraph" in loss.source
+    import unittest.mock as mock
+    with mock.patch.object(plans, "_is_compiling", lambda: True):
+        assert loss._plans.lookup((x, y, w), {}) == (None, None)

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -313,14 +314,22 @@ def any_positive(t: torch.Tensor) -> bool | None:
 def in_range(t: torch.Tensor, lo: int, hi: int) -> bool | None:
     """Whether every value of a contiguous int64/int32 CPU tensor is in [lo, hi], in one pass
     without temporaries (the per-call label check); None where the helper does not apply."""
-    if t.dtype not in (torch.int64, torch.int32) or t.device.type != "cpu" or \
-            not t.is_contiguous():
+    fn = _range_functions().get(t.dtype)
+    if fn is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
+    return bool(fn(t.data_ptr(), t.numel(), lo, hi))
+
+
+@functools.lru_cache(maxsize=None)
+def _range_functions() -> dict:
+    """The helper library's range check by label dtype (empty without the library)."""
     lib = _helpers()
     if lib is None:
-        return None
-    fn = lib.lg_in_range_i64 if t.dtype == torch.int64 else lib.lg_in_range_i32
-    return bool(fn(t.data_ptr(), t.numel(), lo, hi))
+        return {}
+    return {torch.int64: lib.lg_in_range_i64, torch.int32: lib.lg_in_range_i32}
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _tensor_params(meta) -> list[str]:
@@ -382,34 +391,61 @@ def plan(artifact: Artifact, call, meta):
     """A launcher for repeats of `call` (same shapes, dtypes, strides), or None.
 
     Note [Launch plan]: when every input is already contiguous in the kernel's dtype (the usual
-    case), a repeat needs none of run()'s conversions: the launcher reads the pointers of the new
-    call's tensors and launches. The runtime only uses it for calls with the same signature, whose
-    tensors therefore have the same layouts as `call`'s.
+    case), a repeat needs none of run()'s conversions: the launcher takes the new call's tensors
+    (in the order of its `inputs` names, pred first) and the call's denominator, reads their
+    pointers and launches. The runtime only uses it for calls with the same signature, whose
+    tensors therefore have the same layouts as `call`'s. Everything that depends only on the
+    signature (output shapes and dtypes, whether the gradient is pooled, the thread count, the
+    table pointers) is worked out here, once.
     """
     compute = compute_dtype(call.pred.dtype)
     if call.pred.dtype != compute or not call.pred.is_contiguous():
         return None
-    sources: list = []
-    for name in _tensor_params(meta):
-        if name == "pred":
-            sources.append(None)
-        elif name in meta.tables:
-            sources.append(table_tensor(meta, name, compute, "cpu"))
-        else:
+    inputs, tables = [], []
+    for i, name in enumerate(_tensor_params(meta)):
+        if name in meta.tables:
+            tables.append((i, table_tensor(meta, name, compute, "cpu")))
+            continue
+        if name != "pred":
             t = call.tensors[name]
             if t.dtype != (t.dtype if name == "label" else compute) or not t.is_contiguous():
                 return None
-            sources.append(name)
-    names = tuple(sources)
-    R, K, fn, shape = call.rows, call.width, artifact.fn, call.pred.shape
+        inputs.append(name)
+    R, K, fn, shape = call.rows, call.width, artifact.fn, tuple(call.pred.shape)
     parallel = R * K >= MIN_PARALLEL
+    tensor_denom = meta.variant.denom == "tensor"
+    want_grad = meta.variant.grad
+    loss_shape = ()
+    if call.reduction == "none":
+        loss_shape = (R, K) if meta.loss_level is Level.ELEM else (R,)
+    # outputs below the pool's threshold come from torch.empty directly; buffers.empty would
+    # decide the same (the threshold only moves memory between malloc and the pool)
+    loss_small = math.prod(loss_shape) * compute.itemsize < buffers.MIN_BYTES
+    grad_small = R * K * compute.itemsize < buffers.MIN_BYTES
+    # torch.empty_like of a template parses no shape or dtype: about half of torch.empty's
+    # time, which is a tenth of a tiny call. A reduced loss is made like a 0-d template that is
+    # never handed out; a small gradient like pred (contiguous, in the compute dtype)
+    empty, empty_like, pooled = torch.empty, torch.empty_like, buffers.empty
+    scalar = torch.empty((), dtype=compute) if not loss_shape else None
 
-    def launch(c):
-        tensors = c.tensors
-        ptrs = [c.pred.data_ptr() if s is None else
-                (tensors[s] if isinstance(s, str) else s).data_ptr() for s in names]
-        loss, grad = _outputs(meta, R, K, compute, c.reduction, shape)
-        fn(*ptrs, _denom(c), R, K, loss.data_ptr(), grad.data_ptr() if grad is not None else None,
+    def launch(ins, denom):
+        if tables:
+            ptrs = list(map(_data_ptr, ins))
+            for i, t in tables:
+                ptrs.insert(i, t.data_ptr())
+        else:
+            ptrs = map(_data_ptr, ins)
+        if scalar is not None:
+            loss = empty_like(scalar)
+        else:
+            loss = empty(loss_shape, dtype=compute) if loss_small else pooled(loss_shape, compute)
+        if want_grad:
+            grad = empty_like(ins[0]) if grad_small else pooled(shape, compute)
+            gptr = grad.data_ptr()
+        else:
+            grad = gptr = None
+        fn(*ptrs, denom.item() if tensor_denom else (denom or 0.0), R, K, loss.data_ptr(), gptr,
            torch.get_num_threads() if parallel else 1)
         return loss, grad
+    launch.inputs, launch.loss_dtype = tuple(inputs), compute
     return launch

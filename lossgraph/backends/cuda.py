@@ -369,6 +369,72 @@ def run(artifact: Artifact, call, meta):
     return loss, g.view(call.pred.shape)
 
 
+def plan(artifact: Artifact, call, meta):
+    """A launcher for repeats of `call` (same shapes, dtypes, strides, devices), or None.
+
+    Note [Direct launches]: like cpp's Note [Launch plan]: when pred and every input are already
+    contiguous, on pred's device and in the kernel's dtypes, a repeat needs none of prepare()'s
+    conversions nor check_call's guard (its signature passed them), and the launch plan is
+    found per thread without building _launch's key. The launcher takes the tensors in its
+    `inputs` order and the call's denominator; it never reads a device value on the host.
+    """
+    kern: CudaKernel = artifact.info["kernel"]
+    pred = call.pred
+    if not pred.is_contiguous() or pred.dtype not in COMPUTE or kern.launch["tables"] and \
+            any(n != call.width for n in kern.launch["tables"].values()):
+        return None
+    dev, dtype, compute = pred.device, pred.dtype, COMPUTE[pred.dtype]
+    for name, cast in kern.inputs:
+        t = call.tensors.get(name)
+        if t is None or t.device != dev or (cast and t.dtype != compute) or not t.is_contiguous():
+            return None
+    rows, width, grad_shape = call.rows, call.width, tuple(pred.shape)
+    want_grad, empty, ptr = meta.variant.grad, torch.empty, torch.Tensor.data_ptr
+    by_thread: dict[int, Plan] = {}
+
+    def launch(ins, denom):
+        p = by_thread.get(get_ident())
+        if p is None:
+            p = by_thread[get_ident()] = _plan(kern, dev, rows, width, dtype, len(ins) - 1, None)
+        if denom.__class__ is torch.Tensor:
+            if denom.device.type == "cpu":
+                dptr = dkind = 0
+                value = float(denom)     # a host value: no device sync
+            else:
+                d = denominator_tensor(denom, dev)
+                dptr, dkind, value = d.data_ptr(), 1 if d.dtype == torch.float32 else 2, 0.0
+        else:
+            dptr = dkind = 0
+            value = float(denom or 0.0)
+        loss = empty(p.loss_shape, dtype=p.loss_dtype, device=dev)
+        lptr = loss.data_ptr()
+        if want_grad:
+            g = empty(grad_shape, dtype=dtype, device=dev)
+            gptr = g.data_ptr()
+        else:
+            g, gptr = None, 0
+        if p.accumulate:
+            partials = empty(p.blocks, dtype=torch.float64, device=dev)
+            pptr = partials.data_ptr()   # freed on return: the allocator orders reuse
+            p.fire((*map(ptr, ins), dptr, dkind, value, *p.fixed, lptr, gptr, pptr,
+                    pptr, p.blocks, dptr, dkind, value, lptr))
+        else:
+            p.fire((*map(ptr, ins), dptr, dkind, value, *p.fixed, lptr, gptr, 0))
+        return loss, g
+    launch.inputs = ("pred", *(name for name, _ in kern.inputs))
+    launch.loss_dtype = compute_dtype(dtype)
+    return launch
+
+
+def denominator_tensor(d: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device denominator as the kernel reads it (denominator()'s tensor case)."""
+    if d.device != device:
+        d = d.to(device)
+    if d.dtype not in (torch.float32, torch.float64):
+        d = d.to(torch.float32)
+    return d.reshape(())
+
+
 def _run_traced(kern: CudaKernel, call, grad: bool):
     """run() under torch.compile: the launch is the custom op (Note [Custom op])."""
     pred, inputs = prepare(call, kern)

@@ -17,6 +17,10 @@ def _check(spec, call):
         fail(spec.name, "with activated=True, pred must hold probabilities in [0, 1]")
 
 
+_check.planned = lambda spec, call: None if spec.kwargs()["activated"] else \
+    labels_with_background.planned(spec, call)   # Note [Planned checks] in direct.py
+
+
 @register_loss("FocalLoss", target="any", weight="focal", hooks={"check": _check}, _builtin=True)
 def focal_loss(pred, target, use_sigmoid: bool = True, gamma: float = 2.0, alpha: float = 0.25,
                activated: bool = False):

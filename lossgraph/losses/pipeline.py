@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inputs import EPS32, check_label_range
+from ..inputs import EPS32, check_label_range, planned_label_range
 
 
 def _any_positive(w: torch.Tensor) -> bool:
@@ -111,3 +111,14 @@ def labels_with_background(spec, call):
     if call.target_form == "labels":
         c = call.width
         check_label_range(spec.name, call.tensors["label"], 0, c, f"{c} = background")
+
+
+def _planned_labels_with_background(spec, call):
+    """labels_with_background for a call plan's repeats (Note [Planned checks] in direct.py)."""
+    if call.target_form != "labels":
+        return lambda target: None
+    c = call.width
+    return planned_label_range(spec.name, call.tensors["label"], 0, c, f"{c} = background")
+
+
+labels_with_background.planned = _planned_labels_with_background

@@ -11,10 +11,11 @@ by element; the row group is in L1). Per-row values that a later loop needs live
 per-lane arrays `l_v<id>[LG_RB]`, saved where computed and reloaded where used.
 
 The statements are clower's, unchanged (Note [One element body]); this module only regroups
-them. Sums within a row are float, as in the row schedule's blocks (a row this short is one
-block there), added in double across rows in row order, so the result is still independent of
-the thread count; it may differ from the row schedule's in the last bits (another summation
-order inside the row). Rows that do not fill a group take the row schedule."""
+them. Sums within a row are kept in double here (each lane adds its own row's K <= 64 terms; the
+conversion is two instructions per vector, small next to the exp that makes a term), so a short
+row's sums are exact to the last bit of T, more exact than the row schedule's float blocks;
+rows are added in double in row order, so the result is still independent of the thread count.
+Rows that do not fill a group take the row schedule."""
 from __future__ import annotations
 
 import re
@@ -87,8 +88,8 @@ def lanes(k) -> Lanes | None:
     if k.flat or k.guard is not None:
         return None
     s = Lanes()
-    lf = s.array("T", "lg_lf") if k.loss_mode == "acc_elem" else None
-    s.add(list(k.row_pre) + ([f"{lf}[j] = (T)0;"] if lf else []))
+    lf = s.array("double", "lg_lf") if k.loss_mode == "acc_elem" else None
+    s.add(list(k.row_pre) + ([f"{lf}[j] = 0.0;"] if lf else []))
     for p in k.passes:
         for name, label, stmts, e in p["gathers"]:
             s.add([f"T {name} = (T)0;", f"if ({label} >= 0 && {label} < K) {{",
@@ -97,12 +98,13 @@ def lanes(k) -> Lanes | None:
         if p["reds"]:
             init, update, final = [], [], []
             for name, op, e in p["reds"]:
-                a = s.array("T", f"{name}_l")
                 if op == "rowsum":
-                    init.append(f"{a}[j] = (T)0;")
-                    update.append(f"{a}[j] += {e};")
-                    final.append(f"const T {name} = {a}[j];")
+                    a = s.array("double", f"{name}_l")
+                    init.append(f"{a}[j] = 0.0;")
+                    update.append(f"{a}[j] += (double)({e});")
+                    final.append(f"const T {name} = (T){a}[j];")
                 else:
+                    a = s.array("T", f"{name}_l")
                     nan = s.array("int", f"{name}_n")
                     init += [f"{a}[j] = (T)-LG_INF;", f"{nan}[j] = 0;"]
                     update += [f"{a}[j] = {a}[j] > {e} ? {a}[j] : {e};", f"{nan}[j] |= ({e} != {e});"]
@@ -124,8 +126,8 @@ def _outputs(k, stmts, loss, grad, lf, skip=None) -> list[str]:
     if k.loss_mode == "store_elem":
         out.append(f"loss_out[base + k] = {loss};")
     elif k.loss_mode == "acc_elem":
-        out += [f"const T lg_c = {loss};", f"{lf}[j] += ({skip}) ? (T)0 : lg_c;"] if skip \
-            else [f"{lf}[j] += {loss};"]
+        out += [f"const T lg_c = {loss};", f"{lf}[j] += ({skip}) ? 0.0 : (double)lg_c;"] if skip \
+            else [f"{lf}[j] += (double)({loss});"]
     return out
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eager  # noqa: E402
+import bench_cpu  # noqa: E402
 from bench_cpu import step  # noqa: E402  (Note [Who pays for the free])
 
 import lossgraph as lg  # noqa: E402
@@ -94,11 +95,7 @@ def make_case(name: str):
         cfg = dict(type="SeesawLoss", num_classes=SEESAW_C, return_dict=False)
         return cfg, SeesawEager(), pred, (labels,), dict(label_weights=torch.ones(n))
     if name == "gaussian_focal":
-        pred = torch.rand(8, 80, 128, 128, generator=g).clamp(1e-4, 1 - 1e-4)
-        target = torch.rand(8, 80, 128, 128, generator=g) ** 8
-        target[torch.rand(target.shape, generator=g) > 0.999] = 1.0
-        return dict(type="GaussianFocalLoss"), eager.gaussian_focal_loss, pred, (target,), \
-            dict(avg_factor=500.0)
+        return bench_cpu.make_case(name)
     raise KeyError(name)
 
 

@@ -164,23 +164,30 @@ def resources(tool: str, cubin: Path, name: str) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", m.group(1))} if m else {}
 
 
+def disassemble(src: str, fn_name: str, arch: str, tool: str, dump: Path | None):
+    """(SASS text, resource usage) of one kernel compiled by NVRTC; the source and SASS are
+    written to `dump` when given."""
+    image, _ = nvrtc.compile(src, arch, f"{fn_name}.cu")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(image)
+        sass = subprocess.run([tool, "-sass", "-fun", fn_name, str(cubin)],
+                              capture_output=True, text=True).stdout
+        res = resources(tool, cubin, fn_name)
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{fn_name}.cu").write_text(src)
+        (dump / f"{fn_name}.{arch}.sass").write_text(sass)
+    return sass, res
+
+
 def report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path | None) -> str:
     """One table row for a loss config and variant."""
     v = Variant(device="cuda", reduction=cfg.get("reduction", "mean"), **{
         k: x for k, x in kw.items() if k != "reduction"})
     src, meta, _ = Compiler(parse(cfg), "cuda").generate(v, "cuda")
     launch = cuda.launch_info(src)
-    image, _ = nvrtc.compile(src, arch, f"{meta.fn_name}.cu")
-    with tempfile.TemporaryDirectory() as d:
-        cubin = Path(d) / "k.cubin"
-        cubin.write_bytes(image)
-        sass = subprocess.run([tool, "-sass", "-fun", meta.fn_name, str(cubin)],
-                              capture_output=True, text=True).stdout
-        res = resources(tool, cubin, meta.fn_name)
-    if dump is not None:
-        dump.mkdir(parents=True, exist_ok=True)
-        (dump / f"{meta.fn_name}.cu").write_text(src)
-        (dump / f"{meta.fn_name}.{arch}.sass").write_text(sass)
+    sass, res = disassemble(src, meta.fn_name, arch, tool, dump)
     if launch["schedule"] == "rows":   # one warp per row: no per-element loop to count
         return (f"| {title} | rows | n/a | {res.get('REG', '?')} | {res.get('LOCAL', '?')} | "
                 f"n/a | n/a | 0 | 0 |")
@@ -206,17 +213,7 @@ def row_report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path
         src, meta, _ = Compiler(parse(cfg), "cuda").generate(v, "cuda")
     except Exception as e:   # noqa: BLE001 - a loss this tree cannot build: say so in the row
         return f"| {title} | {type(e).__name__} | | | | | | |"
-    image, _ = nvrtc.compile(src, arch, f"{meta.fn_name}.cu")
-    with tempfile.TemporaryDirectory() as d:
-        cubin = Path(d) / "k.cubin"
-        cubin.write_bytes(image)
-        sass = subprocess.run([tool, "-sass", "-fun", meta.fn_name, str(cubin)],
-                              capture_output=True, text=True).stdout
-        res = resources(tool, cubin, meta.fn_name)
-    if dump is not None:
-        dump.mkdir(parents=True, exist_ok=True)
-        (dump / f"{meta.fn_name}.cu").write_text(src)
-        (dump / f"{meta.fn_name}.{arch}.sass").write_text(sass)
+    sass, res = disassemble(src, meta.fn_name, arch, tool, dump)
     code = [c for c in parse_sass(sass) if c.op != "NOP"]
     dops = sum(c.op.startswith(DOUBLE_OPS) for c in code)
     shfl = sum(c.op.startswith("SHFL") for c in code)

@@ -378,3 +378,22 @@ def test_cache_command(root, capsys, monkeypatch):
     assert "removed 0 entries" in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0
     assert "removed" in capsys.readouterr().out and not list(root.iterdir())
+
+
+def test_noexec_private_folder_falls_back_to_an_anonymous_copy(monkeypatch):
+    """Note [Anonymous copy]: when the private copy cannot be written or mapped executable (a
+    noexec TMPDIR), verified bytes are loaded from a memfd and the kernel runs."""
+    from lossgraph.backends import elf
+    if not cpp.available("cpu") or not hasattr(os, "memfd_create"):
+        pytest.skip("needs a C compiler and memfd_create")
+
+    def noexec(data, key):
+        raise OSError("failed to map segment from shared object")
+    monkeypatch.setattr(elf, "_from_private_copy", noexec)
+    monkeypatch.setattr(elf, "_LOADED", {})
+    loss = lg.compile(dict(type="L1Loss", loss_weight=3.0625), backend="cpp")   # a new kernel
+    x, t = torch.randn(5, 4), torch.randn(5, 4)
+    assert torch.allclose(loss(x, t), 3.0625 * (x - t).abs().mean())
+    assert loss._last.backend.name == "cpp"
+    assert any(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:lossgraph-")
+               for fd in elf._MEMFDS)

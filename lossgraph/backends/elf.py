@@ -57,9 +57,43 @@ def dlopen(data: bytes) -> ctypes.CDLL:
     key = hashlib.sha256(data).hexdigest()
     lib = _LOADED.get(key)
     if lib is None:
-        from .. import cache
-        fd, path = tempfile.mkstemp(dir=cache.scratch_dir(), prefix=key[:16] + "-", suffix=".so")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        lib = _LOADED[key] = ctypes.CDLL(path)
+        try:
+            lib = _from_private_copy(data, key)
+        except OSError as e:
+            lib = _from_memfd(data, key, e)
+        _LOADED[key] = lib
+    return lib
+
+
+def _from_private_copy(data: bytes, key: str) -> ctypes.CDLL:
+    from .. import cache
+    fd, path = tempfile.mkstemp(dir=cache.scratch_dir(), prefix=key[:16] + "-", suffix=".so")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return ctypes.CDLL(path)
+
+
+# Note [Anonymous copy]: a private folder on a noexec mount (a hardened /tmp, a container's
+# TMPDIR) cannot be mapped executable, and a full or read-only one cannot take the copy at all;
+# then the verified bytes go to an anonymous memory file (memfd_create, Linux) loaded through
+# /proc/self/fd. Nobody else can open it, and its descriptor stays open for the life of the
+# process, so its inode is never reused under a loaded library (see Note [Loading verified
+# bytes]). The file copy stays the first choice: its name in /proc/self/maps says what it is.
+_MEMFDS: list[int] = []
+
+
+def _from_memfd(data: bytes, key: str, cause: OSError) -> ctypes.CDLL:
+    make = getattr(os, "memfd_create", None)
+    if make is None:
+        raise cause
+    fd = make(f"lossgraph-{key[:16]}", getattr(os, "MFD_CLOEXEC", 0))
+    try:
+        rest = memoryview(data)
+        while rest:
+            rest = rest[os.write(fd, rest):]
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError:
+        os.close(fd)
+        raise cause from None
+    _MEMFDS.append(fd)
     return lib

@@ -129,6 +129,12 @@ def _no_check(t: torch.Tensor) -> None:
     return None
 
 
+def in_range(t: torch.Tensor, lo: int, hi: int) -> bool:
+    """True when one native pass shows every value of t in [lo, hi]; False when some value is
+    not, or the pass does not apply (not a contiguous int32/int64 CPU tensor, no C compiler)."""
+    return bool(_in_range(t, lo, hi))
+
+
 def _in_range(t: torch.Tensor, lo: int, hi: int) -> bool | None:
     """backends.cpp.in_range, imported on first use (cpp imports this module); the first call
     puts it in this global's place, so later calls go straight to it."""

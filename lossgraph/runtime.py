@@ -332,7 +332,8 @@ class CompiledLoss(nn.Module):
         hook_avg = avg is None and call.reduction == "mean" and "avg_factor" in hooks
         if hook_avg:
             avg = hooks["avg_factor"](self.spec, call)
-            before = None
+            if avg is not None:    # a denominator from the data: not replayed by a plan
+                before = None
         I.promote(self.spec, call)
         I.bind_denominator(call, avg, level, promotes=not hook_avg)
         self._check_grad_inputs(call, a)

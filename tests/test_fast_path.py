@@ -40,6 +40,8 @@ CALLS = [
     ("FocalLoss", lambda x, y, w: ((y, w.reshape(-1, 1)), dict(reduction_override="sum"))),
     ("SmoothL1Loss", lambda x, y, w: ((torch.randn(N, C), w[:, None]), dict(avg_factor=3.0))),
     ("L1Loss", lambda x, y, w: ((torch.zeros_like(x), w[:, None].expand(-1, C).contiguous()), {})),
+    ("CrossEntropyLoss", lambda x, y, w: ((y % C,), dict(weight=w, avg_factor=9.0))),
+    ("CrossEntropyLoss", lambda x, y, w: ((torch.where(y < 3, -100, y % C), w), {})),
 ]
 
 
@@ -69,6 +71,31 @@ def test_the_label_range_is_checked_on_every_repeat():
     y[3] = -1
     with pytest.raises(InputError, match=r"got values in \[-1, 10\]"):
         loss(x, y.to(torch.int32), w)
+
+
+def test_softmax_ce_repeats_check_labels_and_count_non_ignored_each_call():
+    """CrossEntropyLoss's forward hook passes plain (N, C) calls on to a plan; the label check
+    (ignore_index excepted) runs on every repeat, and avg_non_ignore's count, which depends on
+    the labels, keeps such calls unplanned."""
+    x, y, w = focal_args()
+    y = y % C
+    loss = lg.compile(dict(type="CrossEntropyLoss", ignore_index=4))
+    loss(x, y, w)
+    loss(x, y, w)
+    assert len(loss._plans) == 1 and next(iter(loss._plans._plans.values())).run is not None
+    y[2] = 4                                     # ignored: fine
+    loss(x, y, w)
+    y[5] = C
+    with pytest.raises(InputError, match=r"labels must be in \[0, 9\]"):
+        loss(x, y, w)
+    counted = lg.compile(dict(type="CrossEntropyLoss", ignore_index=4, avg_non_ignore=True))
+    y[5] = 1
+    for k in range(3):
+        y[k] = 4
+        ref = reference(dict(type="CrossEntropyLoss", ignore_index=4, avg_non_ignore=True),
+                        x.double(), y, w.double())
+        assert torch.allclose(counted(x, y, w).double(), ref, rtol=1e-5)
+    assert len(counted._plans) == 0
 
 
 def test_the_zero_weight_exit_and_avg_factor_are_rebound_on_every_repeat():

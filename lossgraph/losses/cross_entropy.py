@@ -9,7 +9,7 @@ import torch
 from ..build import check, is_labels, per_class
 from ..errors import ConfigAssertion, InputAssertion
 from ..config import check_reduction
-from ..inputs import check_label_range, compute_dtype, fail
+from ..inputs import check_label_range, compute_dtype, fail, in_range
 from ..registry import register_loss
 from ..symbolic import bce_with_logits, logsumexp, one_hot, take, to_float, where
 
@@ -54,6 +54,8 @@ def _check(spec, call):
                         f"of shape {tuple(call.tensors['target'].shape)}")
     if not spec.kwargs()["use_sigmoid"] and call.target_form == "labels":
         labels, ii = call.tensors["label"], _ignore(spec, call)
+        if labels.device.type == "cpu" and labels.numel() and in_range(labels, 0, call.width - 1):
+            return          # no ignored label and none out of range: one native pass
         kept = labels[labels != ii] if labels.device.type == "cpu" else labels
         check_label_range(spec.name, kept, 0, call.width - 1, f"ignore_index {ii} excepted")
 
@@ -66,8 +68,10 @@ def _init(spec):
                       "official cross_entropy, set ``avg_non_ignore=True``.", stacklevel=4)
 
 
-def _forward(module, a):
-    """The softmax and sigmoid losses run the pipeline; use_mask=True is mask_cross_entropy."""
+def _forward(module, a, record=None):
+    """The softmax and sigmoid losses run the pipeline; use_mask=True is mask_cross_entropy.
+    `record` (Note [Call plans]) is passed on only where the pipeline sees the call's own
+    arguments, so that a plan's replay of them is the same call."""
     kw = module.spec.kwargs()
     extra = sorted(a.keys() - ROLE_NAMES)
     if extra:   # forward's **kwargs reach mmdet's cross_entropy functions, which take none
@@ -77,11 +81,14 @@ def _forward(module, a):
     if kw["use_mask"]:
         return _mask_forward(module, a)
     if not kw["use_sigmoid"]:
-        return _softmax_forward(module, a)
-    return module.run_pipeline(a)
+        return _softmax_forward(module, a, record)
+    return module.run_pipeline(a, record)
 
 
-def _softmax_forward(module, a):
+_forward.plannable = True   # runtime.CompiledLoss: repeats of the plain calls are planned
+
+
+def _softmax_forward(module, a, record=None):
     """F.cross_entropy's shapes: (N, C) logits with (N,) labels, (N, C, d1, ..., dk) with
     (N, d1, ..., dk), or unbatched (C,) with a 0-d label.
 
@@ -106,8 +113,10 @@ def _softmax_forward(module, a):
                                f"{(pred.shape[0],) + tuple(pred.shape[2:])}")
     if pred.dim() >= 3 and label.dim() == pred.dim() - 1:
         pred = pred.movedim(1, -1).contiguous()
-    a = {**a, "pred": pred, "target": label, "weight": _broadcast_weight(a.get("weight"), label)}
-    loss = module.run_pipeline(a)
+    w = _broadcast_weight(a.get("weight"), label)
+    same = pred is a["pred"] and label is a["target"] and w is a.get("weight")
+    a = {**a, "pred": pred, "target": label, "weight": w}
+    loss = module.run_pipeline(a, record if same else None)
     return loss.reshape(()) if squeeze and loss.dim() == 1 else loss
 
 
@@ -152,6 +161,8 @@ def _mask_forward(module, a):
     return loss[None]
 
 
+# a call whose denominator this hook gives is not planned (runtime.run_pipeline); the others are
+_avg_non_ignore.plannable = True
 CE_HOOKS = {"forward": _forward, "avg_factor": _avg_non_ignore, "check": _check, "init": _init}
 
 

@@ -95,3 +95,17 @@ def test_schedule_choice():
     seesaw = source(dict(type="SeesawLoss", num_classes=6), torch.randn(9, 8),
                     torch.randint(0, 7, (9,)))
     assert "Skipped rows" in seesaw and "lg_rl" not in seesaw
+
+
+@pytest.mark.parametrize("bad", [-1.0, 16.0, float("nan"), float("inf")])
+def test_dfl_target_check_native_pass(bad):
+    """The one-pass native check of DFL targets (-1 < y < n) agrees with the torch check it
+    skips: -0.5 (bin -0) and 15.999 pass, -1, n - 1, NaN and inf raise the same error."""
+    from lossgraph.errors import InputError
+    loss = lg.compile(dict(type="DistributionFocalLoss"), backend="cpp")
+    x, t = torch.randn(9, 17), torch.rand(9) * 15
+    t[0], t[1] = -0.5, 15.999
+    loss(x, t)
+    t[4] = bad
+    with pytest.raises(InputError, match="targets must lie in"):
+        loss(x, t)

@@ -275,6 +275,18 @@ int lg_in_range_i32(const int* x, long long n, long long lo, long long hi) {
   for (long long i = 0; i < n; i++) bad |= (x[i] < lo) | (x[i] > hi);
   return !bad;
 }
+int lg_open_range_f32(const float* x, long long n, double lo, double hi) {
+  int bad = 0;   /* NaN fails both tests */
+  #pragma omp simd reduction(|:bad)
+  for (long long i = 0; i < n; i++) bad |= !((x[i] > lo) & (x[i] < hi));
+  return !bad;
+}
+int lg_open_range_f64(const double* x, long long n, double lo, double hi) {
+  int bad = 0;
+  #pragma omp simd reduction(|:bad)
+  for (long long i = 0; i < n; i++) bad |= !((x[i] > lo) & (x[i] < hi));
+  return !bad;
+}
 """
 
 
@@ -293,6 +305,9 @@ def _helpers():
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong]
     for name in ("lg_in_range_i64", "lg_in_range_i32"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] + [ctypes.c_longlong] * 3
+    for name in ("lg_open_range_f32", "lg_open_range_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double,
+                                       ctypes.c_double]
     return lib
 
 
@@ -318,6 +333,19 @@ def in_range(t: torch.Tensor, lo: int, hi: int) -> bool | None:
     if fn is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
     return bool(fn(t.data_ptr(), t.numel(), lo, hi))
+
+
+def in_open_range(t: torch.Tensor, lo: float, hi: float) -> bool | None:
+    """Whether every value of a contiguous float32/float64 CPU tensor lies in (lo, hi) (NaN does
+    not), in one pass without temporaries; None where the helper does not apply."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or \
+            not t.is_contiguous():
+        return None
+    lib = _helpers()
+    if lib is None:
+        return None
+    fn = lib.lg_open_range_f32 if t.dtype == torch.float32 else lib.lg_open_range_f64
+    return bool(fn(t.data_ptr(), t.numel(), float(lo), float(hi)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -79,7 +79,7 @@ def _dfl_target(spec, call, target):
                         f"{tuple(pred.shape)}: expected {tuple(pred.shape[:-1])}")
     if target.device != pred.device:
         fail(spec.name, f"target is on {target.device} but pred is on {pred.device}")
-    if target.device.type == "cpu" and target.numel():
+    if target.device.type == "cpu" and target.numel() and not _bins_in_range(target, call.width):
         # F.cross_entropy raises for the bins trunc(y) and trunc(y) + 1 outside [0, n]
         left = target.detach().trunc()
         if bool(torch.isnan(target).any()) or float(left.min()) < 0 or \
@@ -90,6 +90,13 @@ def _dfl_target(spec, call, target):
     call.tensors[DFL_TARGET] = target.to(compute_dtype(pred.dtype))
     # the bin weights (l + 1 - y, y - l) are in the target's dtype, so it promotes the result
     call.out_dtype = torch.promote_types(call.out_dtype, target.dtype)
+
+
+def _bins_in_range(target: torch.Tensor, width: int) -> bool:
+    """0 <= trunc(y) <= width - 2 for every y (no NaN), i.e. -1 < y < width - 1, in one native
+    pass; False when that pass does not apply (then the torch check above decides)."""
+    from ..backends.cpp import in_open_range
+    return bool(in_open_range(target.detach(), -1.0, width - 1.0))
 
 
 @register_loss("DistributionFocalLoss", target="dense", hooks={"bind_target": _dfl_target},

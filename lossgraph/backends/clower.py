@@ -3,7 +3,9 @@
 Note [One element body]: both native backends render the fused body through this module, so the
 C statements of every element are the same text in the CPU and the GPU kernel; only the loop
 skeletons differ (templates/cpp, templates/cuda). The element math of a CUDA kernel is therefore
-verified numerically on the CPU through its cpp twin.
+verified numerically on the CPU through its cpp twin. The per-row code and the one-hot label
+column of a float cpp kernel are the exception: computed in double there (Note [Row values in
+double]), as before in CUDA.
 """
 from __future__ import annotations
 
@@ -96,20 +98,20 @@ C: dict[Op, str] = {
     Op.WIDTH: "((T)K)",
 }
 CTYPE = {"f": "T", "b": "int", "i": "long long"}
-# Note [Row values in double]: in a float cpp kernel (lower(wide=True)) the per-row values that
-# depend on a row sum are computed in double: the sums are double already (Note [Blocked sums],
-# lanes.py), and were cast to T before log(s), lse - x_y and the row's loss, each rounding once
-# more; now such a value is `const double w<i>`, rounded once where it is stored, followed by its
-# T copy v<i>, which the element statements read (they stay float and vectorized, same text).
-# Row values before any sum (a label's bins, weights) stay T: they are exact or rounded once
-# already, and in double they cost time in the lanes schedule. The k == y column of a one-hot
-# split (Hot.body1: one element per row, scalar code) does its arithmetic in double too, so a
-# softmax gradient's p - 1 rounds once instead of twice (p = e / s, then p - 1); its exp/log stay
-# the T functions on T operands (the same e as in the row sum; libm's double exp there cost 4%
-# of a CE row). With this the softmax CE's and DFL's value and gradient at |x| up to 1e30 are no
-# further from float64 than torch's float32 results (Note [As exact as torch],
-# tests/test_rows.py). Cost (ctypes, thread time, min of 60): CE 100k x 81 +1-3%, DFL 160k x 17
-# +1-2%, next to a run-to-run noise of 2%. CUDA kernels (cudarender) do not set `wide`: their
+# Note [Row values in double]: in a float cpp kernel (lower(wide=True)) the row sums (gathers
+# too) and the per-row values that depend on them are computed in double: the sums are double
+# already (Note [Blocked sums], lanes.py), and were cast to T before log(s), lse - x_y and the
+# row's loss, each rounding once more; now such a value is `const double w<i>`, rounded once
+# where it is stored, followed by its T copy v<i>, which the element statements read (they stay
+# float and vectorized, same text). Row values computed before any sum (a label's bins and their
+# weights, DFL's left + 1 - t) stay T, as torch computes them: in double they cost DFL 3-5% more
+# (its lanes schedule keeps them in per-lane arrays), for one rounding of the bin weight. The
+# k == y column of a one-hot split (Hot.body1: one element per row, scalar code) does its
+# arithmetic in double too, so a softmax gradient's p - 1 rounds once instead of twice (p = e /
+# s, then p - 1); its exp/log stay the T functions on T operands (the same e as in the row sum;
+# libm's double exp there cost a CE row 4%). Cost, measured (ctypes, one thread, min of 60 runs,
+# run-to-run noise 2%): CE 100k x 81 +1-3%, DFL 160k x 17 +1-2%. See Note [As exact as torch]
+# (tests/test_rows.py) for what this buys. CUDA kernels (cudarender) do not set `wide`: their
 # source is unchanged, and so is a float64 cpp kernel's (T is double there).
 # CD is C with double functions; lg_dmin/lg_dmax/lg_dclamp/lg_dbce_prob are the cpp template's.
 CD: dict[Op, str] = C | {

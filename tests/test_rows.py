@@ -80,23 +80,33 @@ def _eager_grad(fn, x, *args):
 
 
 # Note [As exact as torch]: the huge-logit tests assert err(lossgraph) <= err(torch float32),
-# both measured against an exact float64 value, with one floor: where torch's own error is at
-# float32's rounding level, ours may be up to ROUNDING = 2 ulps (of the largest value) instead.
-# There both results come from different orders of float32 roundings (torch sums a row's exp
-# terms and takes exp(x - m - log s); the kernels sum blocks in float, Note [Blocked sums], and
-# take exp(x - m) / s, with an expf of 1 ulp, Note [Inline expf]): a softmax probability carries
-# the row sum's rounding (~1 ulp for these 17 terms), exp's and the division's (1/2 ulp each),
-# and p - 1 at the label column rounds once more, so which of two such results lands nearer is
-# chance (measured: ours up to 1.5 ulps where torch's is 0.3 to 0.5; elsewhere ours is the
-# nearer one). Only float64 arithmetic inside float32 kernels would decide it every time. Above
-# that floor nothing is allowed: KD and Seesaw, whose torch errors reach 10% and 10^6 ulps at
-# these scales, must be (and are, by 10^2 to 10^6) more exact than torch.
+# both measured against an exact float64 value. Which backend gets which bound:
+#
+# - cpp, CE/DFL/KD (test_huge_logits_are_as_exact_as_torch): strict, no floor. The row values
+#   after a row sum are computed in double and rounded once, and so is the label column's p - 1
+#   (Note [Row values in double] in clower), so every loss value is as near as torch's or nearer,
+#   and at these rows every gradient too. The gradient's other columns are float element math
+#   (p = e / s with an expf of 1 ulp, Note [Inline expf]), so on other rows a gradient can still
+#   land farther than torch's by a fraction of an ulp (measured on 13 to 67 rows of 3 to 200
+#   classes, 3 seeds: up to 0.12 ulp of the largest value, in 14 of 180 cases, 39 before), and
+#   DFL's bin weight left + 1 - t rounds in float as torch's does (0.17 ulp once); the strict
+#   bound is checked on these rows, the floor below is what holds everywhere.
+# - torchscript, and Seesaw on both backends: a floor. Where torch's own error is at float32's
+#   rounding level, ours may be up to ROUNDING = 2 ulps (of the largest value) instead. The
+#   torchscript kernels round each step in float32, in another order than torch (the row sum,
+#   exp's and the division's roundings, then p - 1 once more), so which of two such results lands
+#   nearer is chance (measured: up to 1.5 ulps where torch's is 0.3 to 0.5). Seesaw's float32
+#   reference returns its mean in float64 (its error is 0 at 1e30), which a float32 output
+#   cannot match; ours there is the output's own rounding.
+#
+# Above the floor nothing is allowed: KD and Seesaw, whose torch errors reach 10% and 10^6 ulps
+# at these scales, must be (and are, by 10^2 to 10^6) more exact than torch.
 ROUNDING = 2 * torch.finfo(torch.float32).eps
 
 
-def _as_exact(ours: float, torch_err: float) -> bool:
-    """Note [As exact as torch]: no larger than torch's error, or both at the rounding floor."""
-    return ours <= max(torch_err, ROUNDING)
+def _as_exact(ours: float, torch_err: float, floor: float = ROUNDING) -> bool:
+    """Note [As exact as torch]: no larger than torch's error, or both under the floor."""
+    return ours <= max(torch_err, floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,7 +114,7 @@ def _as_exact(ours: float, torch_err: float) -> bool:
 def test_huge_logits_are_as_exact_as_torch(backend, name):
     """Note [Stable logsumexp], Note [Shift before the temperature]: value and gradient error
     against float64 no larger than torch's own float32 error at |x| from 2^16 to 1e30 (Note [As
-    exact as torch]). Before the rewrite the error grew to 100% (a loss of 0) at 2^30; KD's was
+    exact as torch]: strictly on cpp, within a 2-ulp floor on torchscript). Before the rewrite the error grew to 100% (a loss of 0) at 2^30; KD's was
     torch's (its x / T rounds), now 40x (2^16) to 10^5x (2^30) smaller."""
     for scale in SCALES:
         x = _big_rows(scale)
@@ -114,8 +124,9 @@ def test_huge_logits_are_as_exact_as_torch(backend, name):
         ref, ref_g = _eager_grad(fn, x.double(), *(a.double() if a.is_floating_point() else a
                                                    for a in args))
         t32, t32_g = _eager_grad(fn, x, *args)
-        assert _as_exact(_rel(ours, ref), _rel(t32, ref)), (name, scale)
-        assert _as_exact(_rel(ours_g, ref_g), _rel(t32_g, ref_g)), (name, scale)
+        floor = 0.0 if backend == "cpp" else ROUNDING
+        assert _as_exact(_rel(ours, ref), _rel(t32, ref), floor), (name, scale)
+        assert _as_exact(_rel(ours_g, ref_g), _rel(t32_g, ref_g), floor), (name, scale)
         if name == "kd" and scale <= 2.0 ** 30:   # torch's error is 6.7e-4 to 0.1 here
             assert _rel(ours, ref) <= _rel(t32, ref) / 30, scale
 

@@ -3,7 +3,9 @@
 Note [One element body]: both native backends render the fused body through this module, so the
 C statements of every element are the same text in the CPU and the GPU kernel; only the loop
 skeletons differ (templates/cpp, templates/cuda). The element math of a CUDA kernel is therefore
-verified numerically on the CPU through its cpp twin.
+verified numerically on the CPU through its cpp twin. The per-row code and the one-hot label
+column of a float cpp kernel are the exception: computed in double there (Note [Row values in
+double]), as before in CUDA.
 """
 from __future__ import annotations
 
@@ -96,6 +98,31 @@ C: dict[Op, str] = {
     Op.WIDTH: "((T)K)",
 }
 CTYPE = {"f": "T", "b": "int", "i": "long long"}
+# Note [Row values in double]: in a float cpp kernel (lower(wide=True)) the row sums (gathers
+# too) and the per-row values that depend on them are computed in double: the sums are double
+# already (Note [Blocked sums], lanes.py), and were cast to T before log(s), lse - x_y and the
+# row's loss, each rounding once more; now such a value is `const double w<i>`, rounded once
+# where it is stored, followed by its T copy v<i>, which the element statements read (they stay
+# float and vectorized, same text). Row values computed before any sum (a label's bins and their
+# weights, DFL's left + 1 - t) stay T, as torch computes them: in double they cost DFL 3-5% more
+# (its lanes schedule keeps them in per-lane arrays), for one rounding of the bin weight. The
+# k == y column of a one-hot split (Hot.body1: one element per row, scalar code) does its
+# arithmetic in double too, so a softmax gradient's p - 1 rounds once instead of twice (p = e /
+# s, then p - 1); its exp/log stay the T functions on T operands (the same e as in the row sum;
+# libm's double exp there cost a CE row 4%). Cost, measured (ctypes, one thread, min of 60 runs,
+# run-to-run noise 2%): CE 100k x 81 +1-3%, DFL 160k x 17 +1-2%. See Note [As exact as torch]
+# (tests/test_rows.py) for what this buys. CUDA kernels (cudarender) do not set `wide`: their
+# source is unchanged, and so is a float64 cpp kernel's (T is double there).
+# CD is C with double functions; lg_dmin/lg_dmax/lg_dclamp/lg_dbce_prob are the cpp template's.
+CD: dict[Op, str] = C | {
+    Op.ABS: "fabs({0})", Op.SIGN: "((double)(({0} > 0) - ({0} < 0)))", Op.EXP: "exp({0})",
+    Op.LOG: "log({0})", Op.LOG1P: "log1p({0})", Op.SQRT: "sqrt({0})", Op.FLOOR: "floor({0})",
+    Op.ATAN: "atan({0})", Op.ASIN: "asin({0})", Op.COS: "cos({0})", Op.SIN: "sin({0})",
+    Op.TANH: "tanh({0})", Op.RECIP: "(1.0 / {0})", Op.FLOAT: "((double){0})",
+    Op.POW: "pow({0}, {1})", Op.MINIMUM: "lg_dmin({0}, {1})", Op.MAXIMUM: "lg_dmax({0}, {1})",
+    Op.CLAMP: "lg_dclamp({0}, {1}, {2})", Op.BCE_PROB: "lg_dbce_prob({0}, {1})",
+    Op.WIDTH: "((double)K)",
+}
 
 
 def literal(v) -> str:
@@ -158,6 +185,7 @@ class CKernel:
     hot: Hot | None = None
     nbuf: int = 0                             # row buffers (K values of T each) the cpp loops use
     guard: str | None = None                  # a row with this false has loss 0 and gradient 0
+    wide: bool = False                        # Note [Row values in double]: w<id> row values
 
 
 def _load(ld: Load, flat: bool) -> str:
@@ -228,7 +256,51 @@ def _exp_of_negative(g: Graph, i: int) -> bool:
     return m.op is Op.NEG and g[m.srcs[0]].op is Op.ABS
 
 
-def lower(body: Graph, v: Variant, name: str, buffers: bool = False) -> CKernel:
+def wide_decls(g: Graph, ids, have: set[int], expr: dict, decl: dict,
+               narrow=()) -> dict[int, list[str]]:
+    """Note [Row values in double]: declarations of the nodes `ids` computed in double. A float
+    node i is `const double w<i>`, followed by its T copy `v<i>` (what element statements read,
+    so their text and math stay as they are); an operand reads `w<s>` where s was declared here
+    or is in `have` (double values declared before), else its usual T expression; bool and int
+    nodes keep their type and name and compare the double operands. Loads and row reductions
+    keep their T declaration and add `w<i> = (double)v<i>`, as exact as the value they read; so
+    do the ops in `narrow` (computed in T from the T copies of their operands)."""
+    kinds = g.kinds()
+    out: dict[int, list[str]] = {}
+
+    def arg(s: int) -> str:
+        if g[s].op is Op.CONST and kinds[s] == "f":
+            return dliteral(g[s].arg)
+        if (s in out or s in have) and kinds[s] == "f":
+            return f"w{s}"
+        return expr.get(s, "")
+
+    for i in g.topo():
+        if i not in ids or i not in decl:
+            continue
+        n = g[i]
+        args = [arg(s) for s in n.srcs]
+        if n.op is Op.INPUT or n.op in ROW_REDUCTIONS or n.op in narrow:
+            out[i] = [decl[i]] + ([f"const double w{i} = (double)v{i};"] if kinds[i] == "f" else [])
+            continue
+        if n.op is Op.SCALE:
+            text = f"({args[0]} * {dliteral(n.arg)})"
+        elif n.op is Op.IOTA:
+            out[i] = [decl[i]]
+            continue
+        elif n.op is Op.LOG1P:
+            text = f"log1p({args[0]})"
+        else:
+            text = (CD if kinds[i] == "f" else C)[n.op].format(*args)
+        if kinds[i] == "f":
+            out[i] = [f"const double w{i} = {text};", f"const T v{i} = (T)w{i};"]
+        else:
+            out[i] = [f"const {CTYPE[kinds[i]]} v{i} = {text};"]
+    return out
+
+
+def lower(body: Graph, v: Variant, name: str, buffers: bool = False,
+          wide: bool = False) -> CKernel:
     """Decompose, schedule and render the fused body into C statements; `buffers` keeps
     transcendental element values of a row from one k-loop to the next (the cpp skeleton)."""
     g = decompose(body, v)
@@ -242,9 +314,20 @@ def lower(body: Graph, v: Variant, name: str, buffers: bool = False) -> CKernel:
     hot = _hot_test(g, sch)
     bufs = _buffers(g, sch, hot) if buffers and not sch.flat else Buffers({}, {})
     scalar = [decl[i] for i in order if i in decl and sch.levels[i] is Level.SCALAR]
-    row_pre = [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW and
-               sch.row_after[i] == 0]
+    kinds = g.kinds()
+    rows = {i: [decl[i]] for i in decl if sch.levels[i] is Level.ROW}
     passes = [_pass(g, v, sch, p, expr, decl, hot, bufs) for p in range(1, sch.npasses + 1)]
+    row_w: set[int] = set()
+    if wide:   # Note [Row values in double]: row sums (gathers too) and what depends on them
+        sums = set(g.find(Op.ROWSUM))
+        row_w = sums | {i for i in order if i in rows and kinds[i] == "f" and
+                        g.ancestors(i) & sums}
+        rows = {i: lines for i, lines in rows.items() if i not in row_w} | \
+            wide_decls(g, row_w, row_w, expr, decl)
+    for p, pas in enumerate(passes, 1):
+        pas["row_post"] = [line for i in order if i in rows and sch.row_after[i] == p
+                           for line in rows[i]]
+    row_pre = [line for i in order if i in rows and sch.row_after[i] == 0 for line in rows[i]]
     final = []
     if sch.final:
         need = bufs.closure(g, sch, sch.final, _final_roots(g))
@@ -259,12 +342,16 @@ def lower(body: Graph, v: Variant, name: str, buffers: bool = False) -> CKernel:
     if hot is not None and sch.final:
         known = {i for i in decl if sch.levels[i] in (Level.ROW, Level.SCALAR)} | \
             {i for i in g.ids() if g[i].op in (Op.CONST, Op.INPUT) or i in sch.row_after}
-        split = _split_final(g, v, sch, hot, mode, known, bufs)
+        split = _split_final(g, v, sch, hot, mode, known, bufs, row_w if wide else None)
     epilogue, total = _epilogue(g, sch, red)
     guard = _guard(g, v, sch, mode) if not sch.flat else None
+    at = loss_node
+    while g[at].op in (Op.REDUCE, Op.OUTPUT):   # identities: their expression is the operand's
+        at = g[at].srcs[0]
+    loss_expr = f"w{at}" if at in row_w else expr[loss_node]
     return CKernel(name, _params(g), scalar, row_pre, passes, final, sch.flat, mode,
-                   expr[loss_node], expr[grad_node] if grad_node is not None else None,
-                   epilogue, total, dict(g.tables), split, len(bufs.slot), guard)
+                   loss_expr, expr[grad_node] if grad_node is not None else None,
+                   epilogue, total, dict(g.tables), split, len(bufs.slot), guard, wide)
 
 
 def _guard(g: Graph, v: Variant, sch: Schedule, mode: str) -> str | None:
@@ -424,8 +511,11 @@ def _roots(h: Graph, mode: str) -> tuple[int | None, int | None]:
     return loss, (h[outs["grad"]].srcs[0] if "grad" in outs else None)
 
 
-def _split_final(g, v, sch, hot, mode, known, bufs) -> Hot:
-    """The final k-loop's statements with the test false (k != y) and true (k == y)."""
+def _split_final(g, v, sch, hot, mode, known, bufs, row_w=None) -> Hot:
+    """The final k-loop's statements with the test false (k != y) and true (k == y). With
+    `row_w` (the row values declared in double), the k == y column is computed in double (Note
+    [Row values in double]): one element per row, scalar code, so e.g. a softmax gradient's
+    p - 1 is rounded once, when stored."""
     test, label = hot
     parts = []
     for value in (False, True):
@@ -435,6 +525,16 @@ def _split_final(g, v, sch, hot, mode, known, bufs) -> Hot:
         loss, grad = _roots(h, mode)
         roots = [n for n in (loss, grad) if n is not None]
         stop = bufs.before(sch.final) if not value else frozenset()
+        if value and row_w is not None:
+            need = elem_closure(h, roots, lv, through=lambda i: i not in known)
+            wd = wide_decls(h, need, row_w, e, d, TRANSCENDENTAL)
+            body = [line for i in h.topo() if i in wd for line in wd[i]]
+            kinds = h.kinds()
+            w = {i: f"w{i}" for i in set(wd) | row_w if kinds.get(i) == "f" and
+                 h[i].op is not Op.CONST}
+            parts.append((body, w.get(loss, e.get(loss, "")),
+                          w.get(grad, e.get(grad)) if grad is not None else None))
+            continue
         body = _elem_stmts(h, roots, lv, d, known, stop)
         if stop:
             body = [f"const T v{i} = lg_buf[{bufs.slot[i]} * K + k];" if i in stop and
@@ -446,7 +546,8 @@ def _split_final(g, v, sch, hot, mode, known, bufs) -> Hot:
 
 
 def _pass(g, v, sch, p, expr, decl, hot, bufs) -> dict:
-    """One k-loop pass; a row sum of a value that is zero off the hot column becomes a gather."""
+    """One k-loop pass; a row sum of a value that is zero off the hot column becomes a gather.
+    lower() adds the pass's row_post (the row values it makes computable)."""
     order = g.topo()
     reds, gathers = [], []
     for r in sch.reductions.get(p, []):
@@ -459,9 +560,7 @@ def _pass(g, v, sch, p, expr, decl, hot, bufs) -> dict:
     need = bufs.closure(g, sch, p, [g[r].srcs[0] for r in sch.reductions.get(p, [])
                                     if f"v{r}" not in gathered])
     return {"stmts": bufs.stmts(order, need, decl, p), "reds": reds,
-            "gathers": gathers,
-            "row_post": [decl[i] for i in order if i in decl and sch.levels[i] is Level.ROW
-                         and sch.row_after[i] == p]}
+            "gathers": gathers}
 
 
 def _gather(g, v, sch, hot, r) -> tuple[str, list[str], str] | None:

@@ -154,7 +154,7 @@ def components(v) -> dict:
 def render(src: KernelSource) -> str:
     """Render the fused body as a C kernel computing the loss and gradient in one pass."""
     v = src.variant
-    k = lower(src.body, v, src.fn_name, buffers=True)
+    k = lower(src.body, v, src.fn_name, buffers=True, wide=v.dtype != "float64")
     return codegen.render("cpp/kernel.c.j2", header=src.header("//"), k=k, lanes=lanes(k),
                           lanes_rb=LANES_RB, lanes_k=LANES_K,
                           double=v.dtype == "float64", label_type=_label_ctype(v.label_dtype),

@@ -8,7 +8,8 @@ puts row j in vector lane j: every k-loop becomes `for k: for j in lanes` with j
 vectorized, so there is no tail (K iterations of full vectors) and no horizontal reduction (each
 lane accumulates its own row). Loads and stores along j are strided by K (gcc emits them element
 by element; the row group is in L1). Per-row values that a later loop needs live in small
-per-lane arrays `l_v<id>[LG_RB]`, saved where computed and reloaded where used.
+per-lane arrays `l_v<id>[LG_RB]` (`l_w<id>` for a row value kept in double, Note [Row values
+in double] in clower), saved where computed and reloaded where used.
 
 The statements are clower's, unchanged (Note [One element body]); this module only regroups
 them. Sums within a row are kept in double here (each lane adds its own row's K <= 64 terms; the
@@ -22,8 +23,8 @@ import re
 from dataclasses import dataclass, field
 
 LANES_K = 64            # rows up to this width are batched; wider rows are long enough alone
-DECL = re.compile(r"^(?:const )?([A-Za-z_][A-Za-z_ ]*?) (v\d+) = ")
-NAME = re.compile(r"\bv\d+\b")
+DECL = re.compile(r"^(?:const )?([A-Za-z_][A-Za-z_ ]*?) ([vw]\d+) = ")
+NAME = re.compile(r"\b[vw]\d+\b")
 BUF = re.compile(r"lg_buf\[(\d+) \* K \+ k\]")
 
 
@@ -65,10 +66,11 @@ class Lanes:
     def finish(self) -> "Lanes":
         """Drop the per-lane copies that no later block reads."""
         read = {n for b in self.blocks for line in b.lines
-                for n in re.findall(r"\b(l_v\d+)\[j\];$", line) if line.startswith("const ")}
+                for n in re.findall(r"\b(l_[vw]\d+)\[j\];$", line) if line.startswith("const ")}
         self.arrays = [(t, n) for t, n in self.arrays if not n.startswith("l_") or n in read]
         for b in self.blocks:
-            b.lines = [x for x in b.lines if not (x.startswith("l_v") and x.split("[")[0] not in read)]
+            b.lines = [x for x in b.lines
+                       if not (re.match(r"l_[vw]\d", x) and x.split("[")[0] not in read)]
         return self
 
     def array(self, ctype: str, name: str) -> str:
@@ -77,8 +79,8 @@ class Lanes:
         return name
 
 
-def _id(name: str) -> int:
-    return int(name[1:])
+def _id(name: str) -> tuple[int, str]:
+    return int(name[1:]), name[0]
 
 
 def lanes(k) -> Lanes | None:
@@ -93,8 +95,9 @@ def lanes(k) -> Lanes | None:
     for p in k.passes:
         for name, label, stmts, e in p["gathers"]:
             s.add([f"T {name} = (T)0;", f"if ({label} >= 0 && {label} < K) {{",
-                   f"const long long k = (long long){label};", *stmts, f"{name} = {e};", "}"],
-                  simd=False, save=(name,))
+                   f"const long long k = (long long){label};", *stmts, f"{name} = {e};", "}"]
+                  + ([f"const double w{name[1:]} = (double){name};"] if k.wide else []),
+                  simd=False, save=(name, f"w{name[1:]}"))
         if p["reds"]:
             init, update, final = [], [], []
             for name, op, e in p["reds"]:
@@ -103,6 +106,8 @@ def lanes(k) -> Lanes | None:
                     init.append(f"{a}[j] = 0.0;")
                     update.append(f"{a}[j] += (double)({e});")
                     final.append(f"const T {name} = (T){a}[j];")
+                    if k.wide:   # Note [Row values in double] (clower): the sum as it is
+                        final.append(f"const double w{name[1:]} = {a}[j];")
                 else:
                     a = s.array("T", f"{name}_l")
                     nan = s.array("int", f"{name}_n")

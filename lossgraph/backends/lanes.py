@@ -26,6 +26,12 @@ LANES_K = 64            # rows up to this width are batched; wider rows are long
 DECL = re.compile(r"^(?:const )?([A-Za-z_][A-Za-z_ ]*?) ([vw]\d+) = ")
 NAME = re.compile(r"\b[vw]\d+\b")
 BUF = re.compile(r"lg_buf\[(\d+) \* K \+ k\]")
+# Note [Pred tile]: the k-loops of a group read pred along j, strided by K, which gcc does
+# element by element (a load and an insert per lane). When two or more k-loops read it, the
+# first copies the group's values to a k-major tile (one strided pass) and every k-loop then
+# reads the tile with plain vector loads. The values are the same; only where they come from.
+PRED = "lg_ld(p_pred[(base + k)])"
+TILE = "lg_tile[k * LG_RB + j]"
 
 
 @dataclass
@@ -44,11 +50,14 @@ class Lanes:
     arrays: list[tuple[str, str]] = field(default_factory=list)   # (C type, name)
     blocks: list[Block] = field(default_factory=list)
     _saved: dict[str, str] = field(default_factory=dict)
+    tile: bool = False         # pred's values of the group copied to lg_tile (Note [Pred tile])
 
     def add(self, lines: list[str], k: bool = False, simd: bool = True, save=True):
         """Append a block: reload the per-row values it reads, save those it declares (all of
         them, or only the names in `save`)."""
         lines = [BUF.sub(r"lg_lbuf[(\1 * K + k) * LG_RB + j]", line) for line in lines]
+        if k and self.tile:    # Note [Pred tile]
+            lines = [line.replace(PRED, TILE) for line in lines]
         declared = {m.group(2): m.group(1) for m in map(DECL.match, lines) if m}
         used = {n for line in lines for n in NAME.findall(line)} - set(declared)
         restore = [f"const {self._saved[n]} {n} = l_{n}[j];" for n in sorted(used, key=_id)
@@ -92,6 +101,11 @@ def lanes(k) -> Lanes | None:
     s = Lanes()
     lf = s.array("double", "lg_lf") if k.loss_mode == "acc_elem" else None
     s.add(list(k.row_pre) + ([f"{lf}[j] = 0.0;"] if lf else []))
+    loops = [p["stmts"] for p in k.passes if p["reds"]] + \
+        [k.hot.body0 if k.hot is not None else k.final]
+    if sum(any(PRED in line for line in body) for body in loops) >= 2:
+        s.add([f"{TILE} = {PRED};"], k=True, save=False)
+        s.tile = True
     for p in k.passes:
         for name, label, stmts, e in p["gathers"]:
             s.add([f"T {name} = (T)0;", f"if ({label} >= 0 && {label} < K) {{",

@@ -12,7 +12,7 @@ failure names its case, and `LOSSGRAPH_FUZZ_CASE=<fuzzer>:<seed>:<index>` reruns
 The default suite runs 2000 cases; `pytest -m fuzz tests/test_fuzz.py` runs 16800 more (other
 seeds, every call plan). A run reports every failing case, not only the first.
 
-Note [Fuzz counts]: the long sweep (`python -m pytest -q -p no:xdist -m fuzz tests/test_fuzz.py`,
+Note [Fuzz counts]: the long sweep (`python -m pytest -q -n 0 -m fuzz tests/test_fuzz.py`,
 12000 built-in cases and 4800 programs, 2 min 52 s on 2 busy cores) had 65 failing cases in
 an earlier run, before fixes now on main; since then it has 0 failures of 16800, both before
 and after the KD/Seesaw shift and GIoU joining the non-finite cases.

@@ -40,6 +40,35 @@ _new = object.__new__
 assert not hasattr(I.Call, "__post_init__") and not hasattr(I.Call, "__slots__")  # Plan.bound
 
 
+# Note [Guarded repeats]: building a signature key (Note [Signature key]) reads 4 attributes and
+# the strides of every tensor, makes a torch.Size and a torch.device each, then hashes and
+# compares the nested tuple: ~22,000 x86 instructions for 3 tensors (callgrind), as much as the
+# rest of a tiny planned call's forward. Dynamo's C++ TensorGuards checks the same metadata
+# (dispatch keys, which cover the device type; dtype, device index, requires_grad, sizes,
+# strides) of a tuple of tensors in ~3,700. So a form's keyer keeps, for each plan it has found,
+# such a guard built from that call's tensors (it holds no tensor) with the grad mode and the
+# non-tensor values; a repeat that passes a guard returns that plan and its recorded key without
+# building one. A guard checks a superset of the key's tensor fields, so a hit is a call whose
+# key equals the recorded one; a miss takes the key path above. Guards live in the keyer, so
+# dropping the keyers (evicting a plan, clear()) drops them. TensorGuards is torch-internal:
+# where it is missing or its constructor differs, keyers build keys as before.
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:      # pragma: no cover - other torch builds
+    _TensorGuards = None
+MAX_GUARDS = 8           # per call form: MMDetection's 5 FPN levels, with room
+
+
+def _guard(ts: tuple) -> Callable | None:
+    """A C-level check that tensors have ts' metadata (Note [Guarded repeats]), or None."""
+    try:
+        g = _TensorGuards(*ts, dynamic_dims_sizes=[list(t.shape) for t in ts],
+                          dynamic_dims_strides=[list(t.stride()) for t in ts])
+        return g.check if g.check(*ts) else None
+    except Exception:    # noqa: BLE001 - an internal API: any failure means no guard
+        return None
+
+
 def _never(args: tuple, kwargs: dict) -> tuple[None, None]:
     return None, None
 
@@ -197,23 +226,32 @@ class Plans:
         tensors = arg_getter(tp + tk)
         values = arg_getter(vp + vk) if vp or vk else None
         get = self._plans.get
-        if values is None and not tk and tp == list(range(len(ptypes))):
-            def keyer(a, k):             # every argument a tensor, passed by position
-                key = (form, _grad_enabled(), *map(_META, a), *map(_STRIDE, a))
+        if values is None:
+            def full(ts, gm, a, k):
+                key = (form, gm, *map(_META, ts), *map(_STRIDE, ts))
                 return key, get(key)     # (tensor metadata always hashes)
-        elif values is None:
-            def keyer(a, k):
-                ts = tensors(a, k)
-                key = (form, _grad_enabled(), *map(_META, ts), *map(_STRIDE, ts))
-                return key, get(key)
         else:
-            def keyer(a, k):
-                ts = tensors(a, k)
-                key = (form, _grad_enabled(), *map(_META, ts), *map(_STRIDE, ts), values(a, k))
+            def full(ts, gm, a, k):
+                key = (form, gm, *map(_META, ts), *map(_STRIDE, ts), values(a, k))
                 try:
                     return key, get(key)
                 except TypeError:        # an unhashable argument value
                     return None, None
+        if _TensorGuards is None:
+            return lambda a, k: full(tensors(a, k), _grad_enabled(), a, k)
+        seen: list[tuple] = []           # (check, grad mode, values, key, plan): Note [Guarded repeats]
+
+        def keyer(a, k):
+            ts, gm = tensors(a, k), _grad_enabled()
+            for check, mode, vals, key, plan in seen:
+                if mode is gm and check(*ts) and (values is None or vals == values(a, k)):
+                    return key, plan
+            key, plan = full(ts, gm, a, k)
+            if plan is not None and len(seen) < MAX_GUARDS:
+                check = _guard(ts)
+                if check is not None:
+                    seen.append((check, gm, values(a, k) if values is not None else None, key, plan))
+            return key, plan
         return keyer
 
     def key(self, args: tuple, kwargs: dict) -> tuple | None:
@@ -231,10 +269,12 @@ class Plans:
     def add(self, key: tuple, plan: Plan) -> None:
         if len(self._plans) >= MAX_PLANS:
             self._plans.pop(next(iter(self._plans)))
+            self.forms.clear()           # the keyers' guarded plans go with it
         self._plans[key] = plan
 
     def clear(self) -> None:
         self._plans.clear()
+        self.forms.clear()
 
     def __len__(self) -> int:
         return len(self._plans)

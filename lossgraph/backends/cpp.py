@@ -25,7 +25,7 @@ from .. import buffers, codegen
 from ..errors import BackendError
 from ..inputs import compute_dtype
 from ..ops import Level
-from . import elf
+from . import elf, fastcall
 from .base import Artifact, KernelSource, check_call, table_tensor
 from .clower import lower, scalar_loads
 from .lanes import LANES_K, lanes
@@ -174,9 +174,10 @@ def build(source: str, folder: Path, fn_name: str) -> Path:
     return library(source, folder, fn_name)[0]
 
 
-def library(source: str, folder: Path, fn_name: str) -> tuple[Path, bytes]:
+def library(source: str, folder: Path, fn_name: str, flags: tuple[str, ...] = ()) -> tuple[Path, bytes]:
     """(path, verified bytes) of source's shared library: from the cache, or compiled once even
-    with several processes racing (a DDP start). See Note [Cache trust]."""
+    with several processes racing (a DDP start). See Note [Cache trust]. `flags` are extra
+    compiler flags (an include path: the source names what it was built for)."""
     from .. import cache
     # named by the source's hash, so one folder can hold the builds of several sources
     name = f"kernel-{hashlib.sha256(source.encode()).hexdigest()[:16]}.so"
@@ -190,13 +191,13 @@ def library(source: str, folder: Path, fn_name: str) -> tuple[Path, bytes]:
             if again is not None and elf.complete(again):
                 return where / name, again
             cache.set_aside(where / name)   # damaged, or never finished
-            image = _compile(source, where, fn_name)
+            image = _compile(source, where, fn_name, flags)
             cache.put(where / name, image)
             return where / name, image
     return cache.writing(Path(folder), make)
 
 
-def _compile(source: str, folder: Path, fn_name: str) -> bytes:
+def _compile(source: str, folder: Path, fn_name: str, flags: tuple[str, ...] = ()) -> bytes:
     """Run the C compiler into a temporary file of folder; the bytes of a complete library."""
     cc = compiler()
     if cc is None:
@@ -205,7 +206,7 @@ def _compile(source: str, folder: Path, fn_name: str) -> bytes:
     c_file.write_text(source)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, *FLAGS, str(c_file), "-o", tmp, "-lm"]
+    cmd = [cc, *FLAGS, *flags, str(c_file), "-o", tmp, "-lm"]
     try:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -237,6 +238,7 @@ def load(meta, source: str, folder: Path) -> Artifact:
     fn.argtypes = [ctypes.c_void_p] * len(_tensor_params(meta)) + [
         ctypes.c_double, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int]
+    fn = fastcall.kernel(fn, len(_tensor_params(meta)))   # Note [Fast calls]
     log = so.parent / "compile.log"
     try:
         dump = {"compile.log": log.read_text()} if log.exists() else {}
@@ -354,7 +356,8 @@ def _range_functions() -> dict:
     lib = _helpers()
     if lib is None:
         return {}
-    return {torch.int64: lib.lg_in_range_i64, torch.int32: lib.lg_in_range_i32}
+    return {torch.int64: fastcall.check(lib.lg_in_range_i64),
+            torch.int32: fastcall.check(lib.lg_in_range_i32)}
 
 
 _data_ptr = torch.Tensor.data_ptr

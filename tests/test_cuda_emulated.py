@@ -193,6 +193,31 @@ def test_huge_logit_rows_are_as_exact_as_torch(name):
         assert _as_exact(_rel(grad, ref_g), _rel(t32_g, ref_g), 0.0), (name, scale)
 
 
+def test_seesaw_huge_logit_rows_are_as_exact_as_torch(monkeypatch):
+    """test_rows' Seesaw bound on the CUDA kernel: no larger than the float32 eager reference's
+    error, within the 2-ulp floor (Note [As exact as torch]: that reference returns its mean in
+    float64, which a float32 output cannot match at 1e30); a background row with NaN class logits
+    gets no gradient."""
+    import reference_stateful
+    from test_rows import NAN, SCALES, _as_exact, _big_rows, _rel, _seesaw_ref
+    monkeypatch.setattr(reference_stateful, "softmax_ce",
+                        lambda z, y: torch.nn.functional.cross_entropy(z, y, reduction="none"))
+    c = 6
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6, 1, 2, 6, 0])
+    for scale in SCALES:
+        x = _big_rows(scale, n=12, k=c + 2, seed=2)
+        x[6, :c] = NAN
+        cfg = dict(type="SeesawLoss", num_classes=c)
+        (loss, grad), _, kern, _, _ = emulated(cfg, x, y)
+        assert kern.launch["schedule"] == "rows"
+        x64 = x.double()
+        ref, ref_g = _seesaw_ref(cfg, x64 - x64[:, :c].amax(1, keepdim=True), y, torch.float64)
+        t32, t32_g = _seesaw_ref(cfg, x, y, torch.float32)
+        assert torch.equal(grad[6], torch.zeros(c + 2))
+        assert _as_exact(_rel(loss, ref), _rel(t32, ref)), scale
+        assert _as_exact(_rel(grad, ref_g), _rel(t32_g, ref_g)), scale
+
+
 def test_sigmoid_cross_entropy_bf16_with_ignored_labels():
     check(dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"),
           logits(dtype=torch.bfloat16), labels(lo=-1))

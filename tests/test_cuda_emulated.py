@@ -193,6 +193,20 @@ def test_huge_logit_rows_are_as_exact_as_torch(name):
         assert _as_exact(_rel(grad, ref_g), _rel(t32_g, ref_g), 0.0), (name, scale)
 
 
+@pytest.mark.parametrize("name,k", [("ce", 4), ("dfl", 4), ("kd", 4), ("ce", 200), ("kd", 200)])
+def test_inf_and_nan_rows_match_torch(name, k):
+    """test_rows' +-inf and NaN rows on both row shapes (k = 200 pads them with zeros): the label
+    column picked by a select (Note [Row groups]) keeps torch's NaNs and drops none."""
+    from test_rows import SPECIAL_ROWS, _case, _eager_grad
+    x = torch.tensor(SPECIAL_ROWS)
+    x = torch.cat([x, torch.zeros(x.shape[0], k - x.shape[1])], 1)
+    config, fn, args = _case(name, x, seed=1)
+    (loss, grad), _, _, _, _ = emulated(config, x, *args)
+    ref, ref_g = _eager_grad(fn, x, *args)
+    torch.testing.assert_close(loss, ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_g, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 def test_seesaw_huge_logit_rows_are_as_exact_as_torch(monkeypatch):
     """test_rows' Seesaw bound on the CUDA kernel: no larger than the float32 eager reference's
     error, within the 2-ulp floor (Note [As exact as torch]: that reference returns its mean in

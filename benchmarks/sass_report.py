@@ -53,8 +53,10 @@ CASES = [
     ("IoULoss, fp32", dict(type="IoULoss"), dict(target="dense")),
     ("CrossEntropyLoss softmax, fp32", dict(type="CrossEntropyLoss"), dict(target="labels")),
 ]
-# Row kernels (Note [Row groups]): no per-element loop to count; their table gives the whole
-# main function: instructions, double-precision instructions (D*), shuffles and global loads.
+# Row kernels (Note [Row groups]): their table gives the whole main function (instructions,
+# double-precision instructions (D*), shuffles, global loads), then the long-row path's k-loops
+# (k_loops), one per pass: instructions per global load of each (per element where an element
+# loads one value, e.g. CE's pred), and the double-precision instructions in them.
 ROW_CASES = [
     ("CrossEntropyLoss softmax, fp32", dict(type="CrossEntropyLoss"), dict(target="labels")),
     ("CrossEntropyLoss softmax, fp16", dict(type="CrossEntropyLoss"),
@@ -206,21 +208,39 @@ def report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path | N
             f"{wide_ld} | {wide_st} |")
 
 
+def k_loops(code: list[Ins]) -> list[tuple[int, int]]:
+    """(first, last) of each loop that loads from global memory, exchanges nothing between
+    lanes and holds no such inner loop: the long-row path's k-loops (Note [Row groups]), one
+    per pass, in address order (the row loops around them shuffle, in their butterflies)."""
+    at = {c.addr: i for i, c in enumerate(code)}
+    loops = [(at[t], i) for i, c in enumerate(code)
+             if (t := _target(c)) is not None and t <= c.addr and t in at]
+    loads = [(j, i) for j, i in loops if any(x.op.startswith("LDG") for x in code[j:i + 1])
+             and not any(x.op.startswith("SHFL") for x in code[j:i + 1])]
+    return sorted((j, i) for j, i in loads
+                  if not any((a, b) != (j, i) and j <= a and b <= i for a, b in loads))
+
+
 def row_report(title: str, cfg: dict, kw: dict, arch: str, tool: str, dump: Path | None) -> str:
     """One row of the row-kernel table: the main function as a whole."""
     v = Variant(device="cuda", reduction=cfg.get("reduction", "mean"), **kw)
     try:
         src, meta, _ = Compiler(parse(cfg), "cuda").generate(v, "cuda")
     except Exception as e:   # noqa: BLE001 - a loss this tree cannot build: say so in the row
-        return f"| {title} | {type(e).__name__} | | | | | | |"
+        return f"| {title} | {type(e).__name__} | | | | | | | | |"
     sass, res = disassemble(src, meta.fn_name, arch, tool, dump)
     code = [c for c in parse_sass(sass) if c.op != "NOP"]
     dops = sum(c.op.startswith(DOUBLE_OPS) for c in code)
     shfl = sum(c.op.startswith("SHFL") for c in code)
     ldg = sum(c.op.startswith("LDG") for c in code)
     mufu = sum(c.op.startswith("MUFU") for c in code)
+    per, kd = [], 0
+    for j, i in k_loops(code):   # instructions per global load of each k-loop (unrolled)
+        body = code[j:i + 1]
+        per.append(len(body) / sum(x.op.startswith("LDG") for x in body))
+        kd += sum(x.op.startswith(DOUBLE_OPS) for x in body)
     return (f"| {title} | {res.get('REG', '?')} | {res.get('LOCAL', '?')} | {len(code)} | "
-            f"{dops} | {shfl} | {ldg} | {mufu} |")
+            f"{dops} | {shfl} | {ldg} | {mufu} | {' + '.join(f'{x:.1f}' for x in per)} | {kd} |")
 
 
 def main(argv=None) -> None:
@@ -240,8 +260,8 @@ def main(argv=None) -> None:
         print(report(title, cfg, kw, args.arch, tool, args.dump), flush=True)
     print()
     print("| row kernel | regs | local (spill) bytes | instructions | double-precision | SHFL | "
-          "LDG | MUFU |")
-    print("|---|---|---|---|---|---|---|---|")
+          "LDG | MUFU | long rows: k-loop instr/load | k-loop double-precision |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for title, cfg, kw in ROW_CASES:
         print(row_report(title, cfg, kw, args.arch, tool, args.dump), flush=True)
 

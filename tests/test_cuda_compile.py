@@ -13,7 +13,7 @@ import torch
 
 import lossgraph as lg
 from lossgraph import passes
-from lossgraph.backends import clower, cuda, nvrtc
+from lossgraph.backends import clower, cuda, cudarows, nvrtc
 from lossgraph.build import Variant
 from lossgraph.compiler import Compiler
 from lossgraph.config import parse
@@ -102,7 +102,8 @@ def test_every_builtin_loss_is_covered():
 def test_cuda_and_cpp_share_the_element_body(cfg, kw):
     """STYLE principle 8: every statement of the cpp kernel's element body is in the CUDA kernel.
     The per-row code and the one-hot label column are each backend's own lowering: a float cpp
-    kernel computes them in double (Note [Row values in double] in clower), CUDA's are as before."""
+    kernel computes them in double (Note [Row values in double] in clower), and so does a float
+    CUDA row kernel (Note [Row values on CUDA] in cudarows, its T copies rounded by lg_narrow)."""
     v = _variant(cfg, **kw)
     cu, meta = _source(cfg, v)
     c, _ = _source(cfg, dataclasses.replace(v, device="cpu"), "cpp")
@@ -116,8 +117,10 @@ def test_cuda_and_cpp_share_the_element_body(cfg, kw):
     for line in lines:
         assert line in cu and line in c, line
     kc = clower.lower(body, v, meta.fn_name, wide=v.dtype != "float64")
-    for kk, src in ((k, cu), (kc, c)):
-        rows = kk.row_pre + [s for p in kk.passes for s in p["row_post"]]
+    rows_cu = cuda.launch_info(cu)["schedule"] == "rows"
+    for kk, src in ((kc if rows_cu else k, cu), (kc, c)):
+        post = cudarows.row_post if src is cu else (lambda p: p["row_post"])
+        rows = kk.row_pre + [s for p in kk.passes for s in post(p)]
         for line in rows + (kk.hot.body1 if kk.hot else []):
             assert line in src, line
 

@@ -9,11 +9,14 @@ kernel (STYLE.md principle 8); templates/cuda/kernel.cu.j2 only places them in G
 - Schedule 'rows' (rowsum/rowmax, e.g. softmax cross-entropy): Note [Row groups] (cudarows.py):
   a row of up to 32 * SLOTS columns is held in registers by a group of lanes, its passes
   straight-line code sharing their values; a longer row gets a warp and a k-loop per pass; row
-  reductions in T, rows summed in double. A row sum the lowering turned into a gather (a value
-  read at the label's column) is computed by every lane.
-- The one-hot split of the lowering (bodies folded for k == y and k != y) becomes a branch
-  after the statements both bodies share (the load, the sigmoid): at most one lane of a row
-  takes the k == y side.
+  reductions in T within a lane, rows summed in double; in a float kernel a row sum's lanes are
+  merged in double and the per-row values computed in double (Note [Row values on CUDA]). A row
+  sum the lowering turned into a gather (a value read at the label's column) is computed by
+  every lane.
+- The one-hot split of the lowering (bodies folded for k == y and k != y): in the 'elem'
+  schedule a branch after the statements both bodies share (the load, the sigmoid), at most one
+  lane of a row taking the k == y side; in the 'rows' schedule the k == y column is computed
+  once per row before the last k-loop, which picks its values by a select.
 - Launch facts (schedule, parameters, tables) are written into the source's
   `// lossgraph-launch:` line, so a kernel read back from the disk cache needs no IR.
 - Reduction: each thread sums its losses in double, each block writes one partial (fixed tree),

@@ -31,6 +31,8 @@ def render(src: KernelSource) -> str:
     v = src.variant
     k = lower(src.body, v, src.fn_name)
     schedule = "rows" if k.passes else "elem"
+    if schedule == "rows" and v.dtype != "float64":   # Note [Row values on CUDA] (cudarows)
+        k = lower(src.body, v, src.fn_name, wide=True)
     accumulate = k.loss_mode.startswith("acc")
     params = [("S" if n == "pred" else t, n) for t, n, _ in k.params if n not in k.tables]
     tables = [(n, [literal(x) for x in k.tables[n]]) for _, n, _ in k.params if n in k.tables]

@@ -111,8 +111,8 @@ CTYPE = {"f": "T", "b": "int", "i": "long long"}
 # s, then p - 1); its exp/log stay the T functions on T operands (the same e as in the row sum;
 # libm's double exp there cost a CE row 4%). Cost, measured (ctypes, one thread, min of 60 runs,
 # run-to-run noise 2%): CE 100k x 81 +1-3%, DFL 160k x 17 +1-2%. See Note [As exact as torch]
-# (tests/test_rows.py) for what this buys. CUDA kernels (cudarender) do not set `wide`: their
-# source is unchanged, and so is a float64 cpp kernel's (T is double there).
+# (tests/test_rows.py) for what this buys. CUDA row kernels set `wide` too (cudarows.py, Note
+# [Row values on CUDA]); element kernels and float64 kernels (T is double there) do not.
 # CD is C with double functions; lg_dmin/lg_dmax/lg_dclamp/lg_dbce_prob are the cpp template's.
 CD: dict[Op, str] = C | {
     Op.ABS: "fabs({0})", Op.SIGN: "((double)(({0} > 0) - ({0} < 0)))", Op.EXP: "exp({0})",

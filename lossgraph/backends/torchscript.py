@@ -352,8 +352,10 @@ def _label_column(plan, names: dict[int, str]) -> list[str]:
             continue
         cols[i] = f"c{i}"
         lines.append(f"c{i} = {_expr(h, i, cols)}")
+    col = cols[root] if root in need and h[root].op is not Op.CONST else \
+        f"(torch.zeros(lg_y.shape, dtype=torch.float64, device=pred.device) + {cols[root]})"
     lines.append(f"grad.scatter_(1, lg_y, torch.where(({y} >= 0) & ({y} < pred.shape[-1]), "
-                 f"{cols[root]}.to(cdt), torch.gather(grad, 1, lg_y)))")
+                 f"{col}.to(cdt), torch.gather(grad, 1, lg_y)))")
     return lines
 
 

@@ -190,9 +190,11 @@ def _expr(body: Graph, i: int, names: dict[int, str]) -> str:
 # and torch.sum(e, dtype=float64) or a mixed-dtype (N, K) op makes one internally. So a row sum
 # is cast into one reused 2 MB float64 buffer, WIDE_BLOCK values at a time (lg_wide_sum), and a
 # gather's sum (where(k == j, x, 0): one term) is taken in float32, exactly, then cast.
-# Measured (kernel fwd+bwd, old and new interleaved, min of 40, one thread, a busy machine): CE
-# 100k x 81 70.4 -> 76.4 ms (+9%), DFL 160k x 17 49.0 -> 53.9 ms (+10%), the float64 sum
-# most of it. A float64 kernel's source is unchanged.
+# Measured (kernel fwd+bwd, old and new interleaved, min of 40, one thread, 4 runs on a shared
+# machine under load): CE 100k x 81 +8% to +18% (e.g. 70.4 -> 76.4 ms), DFL 160k x 17 +8% to
+# +17% (49.0 -> 53.9 ms), mostly the float64 sum (2 MB blocks: ~10 ms where the float32 sum
+# takes ~3 ms on CE); two threads gave +5% to +60% there, too noisy to quote. A float64
+# kernel's source is unchanged.
 WIDE_BLOCK = 1 << 18   # values (2 MB) per float64 block of lg_wide_sum
 
 

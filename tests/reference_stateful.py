@@ -156,9 +156,11 @@ class SeesawRef:
         assert cls_score.shape[-1] == c + 2
         for k in range(c + 1):
             self.cum_samples[k] += float((labels == k).sum())
-        # label_weights are cast to float32 (mmdet-losses.md section 1.5), also for a float64 pred
-        w = torch.ones(labels.shape, dtype=torch.float64) if label_weights is None else \
-            label_weights.float().double()
+        # label_weights are cast to float32 (mmdet-losses.md section 1.5), ones(float32) when
+        # None, also for a float64 pred; the loss times them has torch's promoted dtype
+        wdt = torch.promote_types(cls_score.dtype, torch.float32)
+        w = torch.ones(labels.shape, dtype=wdt) if label_weights is None else \
+            label_weights.float().to(wdt)
         pos = labels < c
         z = cls_score[:, :c]
         if bool(pos.any()):

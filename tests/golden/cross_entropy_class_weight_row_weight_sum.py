@@ -9,28 +9,45 @@ from torch import Tensor
 from typing import Tuple
 
 
+def lg_wide_sum(x: Tensor, elems: int) -> Tensor:
+    """Float64 row sums of float32 rows, cast a block of rows at a time into one reused float64
+    buffer of about `elems` values (Note [Row values in float64])."""
+    rows = max(1, elems // max(1, x.shape[1]))
+    s = torch.empty((x.shape[0], 1), dtype=torch.float64, device=x.device)
+    buf = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        n = min(rows, x.shape[0] - i)
+        b = buf[:n]
+        b.copy_(x[i:i + n])
+        torch.sum(b, -1, keepdim=True, out=s[i:i + n])
+    return s
+
+
 def crossentropyloss_b4ac2375f4(pred: Tensor, class_weight: Tensor, label: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     cdt = pred.dtype
     v0 = torch.arange(pred.shape[-1], device=pred.device)
     v1 = v0 == label
     v2 = torch.where(v1, pred, 0.0)
-    v3 = torch.sum(v2, -1, keepdim=True)
+    v3 = torch.sum(v2, -1, keepdim=True).to(torch.float64)
     v4 = torch.where(v1, class_weight, 0.0)
-    v5 = torch.sum(v4, -1, keepdim=True)
+    v5 = torch.sum(v4, -1, keepdim=True).to(torch.float64)
     v6 = label != -100.0
     v7 = 2.0 * weight
     v8 = torch.where(v6, v7, 0.0)
-    v9 = v8.mul_(v5)
+    v9 = v8 * v5
+    v9_f = v9.to(cdt)
     v10 = -v9
-    v11 = torch.where(v1, v10, 0.0)
+    v10_f = v10.to(cdt)
+    v11 = torch.where(v1, v10_f, 0.0)
     v12 = torch.amax(pred, -1, keepdim=True)
     v13 = pred - v12
     v14 = v13.exp_()
-    v15 = torch.sum(v14, -1, keepdim=True)
-    v16 = v14.div_(v15)
-    v17 = v16.mul_(v9)
+    v15 = lg_wide_sum(v14, 262144)
+    v15_f = v15.to(cdt)
+    v16 = v14.div_(v15_f)
+    v17 = v16.mul_(v9_f)
     v18 = v11.add_(v17)
-    v19 = v15.log_()
+    v19 = torch.log(v15)
     v20 = v3.sub_(v12)
     v21 = v19.sub_(v20)
     v22 = v21.mul_(v5)
@@ -38,5 +55,13 @@ def crossentropyloss_b4ac2375f4(pred: Tensor, class_weight: Tensor, label: Tenso
     v24 = v23.mul_(weight)
     v25 = torch.sum(v24)
     v26 = v25 * 2.0
+    v26 = v26.to(cdt)
     grad = (v18).to(pred.dtype)
+    lg_y = label.long().clamp(0, pred.shape[-1] - 1)
+    c52 = torch.gather(pred, 1, lg_y) - v12
+    c53 = torch.exp(c52)
+    c46 = c53 / v15
+    c47 = v9 * c46
+    c48 = v10 + c47
+    grad.scatter_(1, lg_y, torch.where((label >= 0) & (label < pred.shape[-1]), c48.to(cdt), torch.gather(grad, 1, lg_y)))
     return v26, grad

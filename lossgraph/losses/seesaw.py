@@ -34,6 +34,7 @@ from ..errors import ConfigAssertion, InputAssertion, InputShapeError
 from ..config import check_reduction, parse
 from ..inputs import (FLOATS, INTS, Exact, check_label_range, check_pred, compute_dtype, fail,
                       target_form)
+from ..plans import _is_compiling
 from ..registry import register_loss
 from ..symbolic import (class_index, clamp, exp, log, logsumexp, maximum, rowmax, rowsum,
                         stop_gradient, take, where)
@@ -113,17 +114,100 @@ def _forward(module, a):
         cum.add_(count_values(labels, c + 1).to(cum.dtype))
         cols = torch.cat([cum.narrow(0, 0, c), cum.new_ones(2)]).to(compute_dtype(cls_score.dtype))
     lw = lw.float() if lw is not None else labels.new_ones(labels.shape, dtype=torch.float32)
-    avg = a.get("avg_factor")
-    classes = module.run_pipeline({"pred": cls_score, "target": (labels, cols), "weight": lw,
-                                   "avg_factor": avg, "reduction_override": override})
-    if (override or spec.reduction) == "none":
-        pos = labels < c
-        classes = classes[pos] if bool(pos.any()) else cls_score[..., :c][pos].sum()
-    objectness = _objectness_loss(module)(cls_score.narrow(-1, c, 2), (labels == c).long(), lw,
-                                          avg, override)
+    args = (labels, cols, lw, a.get("avg_factor"), override)
+    if _one_gradient(cls_score, lw, args[3], override or spec.reduction):
+        classes, objectness = _Joint.apply(cls_score, module, args)
+    else:
+        classes, objectness = _parts(module, cls_score, cls_score.narrow(-1, c, 2), *args)
     if module.return_dict:
         return {"loss_cls_objectness": objectness, "loss_cls_classes": classes}
     return classes + objectness
+
+
+def _parts(module, pred, obj_pred, labels, cols, lw, avg, override):
+    """(class loss, objectness loss): the class kernel on pred (N, C + 2), the objectness kernel
+    on obj_pred, pred's last 2 columns; the counts `cols` are already updated."""
+    c = module.num_classes
+    classes = module.run_pipeline({"pred": pred, "target": (labels, cols), "weight": lw,
+                                   "avg_factor": avg, "reduction_override": override})
+    if (override or module.spec.reduction) == "none":
+        pos = labels < c
+        classes = classes[pos] if bool(pos.any()) else pred[..., :c][pos].sum()
+    objectness = _objectness_loss(module)(obj_pred, (labels == c).long(), lw, avg, override)
+    return classes, objectness
+
+
+def _one_gradient(cls_score, lw, avg, reduction: str) -> bool:
+    """Whether _Joint applies: a gradient of cls_score alone, a reduced loss, eager autograd."""
+    return torch.is_grad_enabled() and cls_score.requires_grad and not lw.requires_grad and \
+        not (isinstance(avg, torch.Tensor) and avg.requires_grad) and reduction != "none" and \
+        not _is_compiling() and cls_score.numel() > 0
+
+
+class _Joint(torch.autograd.Function):
+    """Both parts of one cls_score, with one gradient buffer: Note [Seesaw's one gradient].
+
+    Note [Seesaw's one gradient]: the class kernel reads all C + 2 columns and returns an
+    N x (C + 2) gradient; the objectness kernel reads the last 2. Given to autograd as two
+    branches, the objectness branch's narrow() backward allocates a zeroed N x (C + 2) tensor
+    for its N x 2 gradient and the engine adds the two full-size gradients: two passes over
+    N x (C + 2) floats (and a fresh tensor's page faults), more than both kernels at 0%
+    positives. Here forward runs both parts (under enable_grad, each on a detached leaf of its
+    own: cls_score for the class part, a contiguous copy of its last 2 columns for the
+    objectness part, so each keeps its fused kernel, plans and loss scaling); backward takes
+    each part's gradient from its own small graph and adds the N x 2 objectness gradient into
+    the class gradient's last 2 columns (where the class gradient is 0: they are masked with
+    -inf), in place, so the class kernel's buffer is the gradient autograd receives. An output
+    not used by the backward gets no gradient (set_materialize_grads(False)). The gradients are
+    the same numbers as the two-branch form: the class gradient plus the padded objectness
+    gradient, in the same dtype. create_graph=True recomputes both parts on cls_score itself
+    (the counts are not updated again) and differentiates them as the two-branch form does.
+    Where this does not apply (reduction='none', label_weights or avg_factor requiring grad,
+    torch.compile) the two branches are used.
+    """
+
+    @staticmethod
+    def forward(ctx, cls_score, module, args):
+        ctx.set_materialize_grads(False)
+        c = module.num_classes
+        with torch.enable_grad():
+            x = cls_score.detach().requires_grad_()
+            xo = cls_score.detach().narrow(-1, c, 2).contiguous().requires_grad_()
+            parts = _parts(module, x, xo, *args)
+        ctx.parts, ctx.leaves, ctx.module, ctx.args = parts, (x, xo), module, args
+        ctx.pred = cls_score   # for create_graph=True only (as _Fused, no version check)
+        return tuple(p.detach() for p in parts)
+
+    @staticmethod
+    def backward(ctx, g_cls, g_obj):
+        if torch.is_grad_enabled():   # create_graph=True
+            return _double_backward(ctx, g_cls, g_obj), None, None
+        (classes, objectness), (x, xo) = ctx.parts, ctx.leaves
+        grad, obj = _leaf_grad(classes, x, g_cls), _leaf_grad(objectness, xo, g_obj)
+        if obj is not None:
+            if grad is None:
+                grad = torch.zeros_like(x)
+            grad.narrow(-1, ctx.module.num_classes, 2).add_(obj)
+        return grad, None, None
+
+
+def _leaf_grad(out, leaf, g):
+    """d(g . out)/d(leaf), or None when g is None or out does not depend on leaf. The part's
+    graph is kept: a retain_graph=True backward of the outer graph runs it again."""
+    if g is None or not out.requires_grad:
+        return None
+    return torch.autograd.grad(out, leaf, g, retain_graph=True, allow_unused=True)[0]
+
+
+def _double_backward(ctx, g_cls, g_obj):
+    """The gradient as the two-branch form gives it, differentiable (create_graph=True)."""
+    pred, c = ctx.pred, ctx.module.num_classes
+    parts = _parts(ctx.module, pred, pred.narrow(-1, c, 2), *ctx.args)
+    used = [(p, g) for p, g in zip(parts, (g_cls, g_obj)) if g is not None and p.requires_grad]
+    if not used:
+        return None
+    return torch.autograd.grad([p for p, _ in used], pred, [g for _, g in used],
+                               create_graph=True, allow_unused=True)[0]
 
 
 # -- the hooks heads call -----------------------------------------------------------------------

@@ -9,6 +9,8 @@ import torch
 
 import lossgraph
 from conftest import BACKENDS
+from cuda_emulator import compiler
+from test_cuda_emulated import emulated_gpu  # noqa: F401  (a fixture)
 from lossgraph.losses import seesaw
 
 K, N = 5, 24
@@ -146,3 +148,22 @@ def test_copies_after_one_gradient():
         q = x.clone().requires_grad_(True)
         a, b = other(q, labels), loss(x, labels)
         assert all(torch.equal(a[k].detach(), b[k]) for k in a)
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler() is None or "cpp" not in BACKENDS,
+                    reason="the CUDA emulator needs g++ (and the cpp twin)")
+def test_one_gradient_on_the_emulated_cuda_path(emulated_gpu, monkeypatch):
+    """backend='cuda' through the CUDA emulator: the same gradient with and without _Joint, at
+    grad_output 1 and not (the rescale kernel), close to the cpp backend's."""
+    x, labels, lw = inputs(11)
+    cfg = dict(type="SeesawLoss", num_classes=K)
+    for weights in [(1.0, 1.0), (0.5, 3.0), (None, 2.0)]:
+        a, ga, _ = run(cfg, "cuda", x, labels, {"label_weights": lw}, weights, True, monkeypatch)
+        b, gb, _ = run(cfg, "cuda", x, labels, {"label_weights": lw}, weights, False, monkeypatch)
+        c, gc, _ = run(cfg, "cpp", x, labels, {"label_weights": lw}, weights, True, monkeypatch)
+        assert all(torch.equal(s, t) for s, t in zip(a, b)) and torch.equal(ga, gb)
+        assert all(torch.allclose(s, t, rtol=1e-5, atol=1e-6) for s, t in zip(a, c))
+        assert torch.allclose(ga, gc, rtol=1e-5, atol=1e-6)
+    assert any(name.startswith("seesaw") for name in emulated_gpu)

@@ -27,6 +27,7 @@ def inputs(seed: int, dtype=torch.float32, share: float = 0.5):
 def run(cfg, backend, x, labels, kw, weights=(1.0, 1.0), joint=True, monkeypatch=None,
         create_graph=False):
     """(outputs, d/dx) of one call from a fresh module, with or without _Joint."""
+    monkeypatch.setattr(seesaw, "JOINT_MIN_BYTES", 0)   # these inputs are small
     monkeypatch.setattr(seesaw, "_one_gradient", _spy if joint else lambda *a: False)
     loss = lossgraph.compile(cfg, backend=backend)
     loss = loss.to(x.dtype) if x.dtype == torch.float64 else loss
@@ -105,6 +106,7 @@ def test_one_gradient_double_backward_and_retain_graph(backend, monkeypatch):
 def test_one_gradient_is_the_class_kernels_buffer(monkeypatch):
     """No N x (C + 2) zero fill or add in backward: the objectness gradient is added into the
     class gradient's last 2 columns in place."""
+    monkeypatch.setattr(seesaw, "JOINT_MIN_BYTES", 0)
     x, labels, _ = inputs(3, share=0.0)
     loss = lossgraph.compile(dict(type="SeesawLoss", num_classes=K, return_dict=False))
     p = x.clone().requires_grad_(True)
@@ -119,9 +121,14 @@ def test_one_gradient_is_the_class_kernels_buffer(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unchanged_where_one_gradient_does_not_apply(backend):
-    """reduction='none', a label_weights that requires grad, no grad: the two branches."""
+def test_unchanged_where_one_gradient_does_not_apply(backend, monkeypatch):
+    """reduction='none', a label_weights or avg_factor that requires grad, no grad, a small
+    cls_score: the two branches."""
     x, labels, lw = inputs(5)
+    assert not seesaw._one_gradient(x.detach().requires_grad_(True), lw, None, "mean")  # small
+    big = torch.zeros(seesaw.JOINT_MIN_BYTES // 4 // (K + 2) + 1, K + 2, requires_grad=True)
+    assert seesaw._one_gradient(big, lw, None, "mean")
+    monkeypatch.setattr(seesaw, "JOINT_MIN_BYTES", 0)
     loss = lossgraph.compile(dict(type="SeesawLoss", num_classes=K), backend=backend)
     p = x.clone().requires_grad_(True)
     w = lw.clone().requires_grad_(True)
@@ -135,9 +142,10 @@ def test_unchanged_where_one_gradient_does_not_apply(backend):
     assert p.grad is not None and w.grad is not None
 
 
-def test_copies_after_one_gradient():
+def test_copies_after_one_gradient(monkeypatch):
     """deepcopy only: pickling a SeesawLoss fails on main already (its bound get_cls_channels
     & co. in the instance __dict__ are looked up on the half-built copy)."""
+    monkeypatch.setattr(seesaw, "JOINT_MIN_BYTES", 0)
     x, labels, _ = inputs(9)
     loss = lossgraph.compile(dict(type="SeesawLoss", num_classes=K))
     p = x.clone().requires_grad_(True)

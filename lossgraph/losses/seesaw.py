@@ -160,10 +160,10 @@ class _Joint(torch.autograd.Function):
     at 0% positives (6 of 11 ms at 4096 x 1205). Here forward runs both parts under
     enable_grad, each on a detached leaf of its own (cls_score for the class part, a contiguous
     copy of its last 2 columns for the objectness part), so each keeps its fused kernel, plans
-    and loss scaling; backward takes each part's gradient from its own small graph and adds the
-    N x 2 objectness gradient into the class gradient's last 2 columns in place (the class
-    gradient is 0 there: those columns are masked with -inf), so the class kernel's buffer is
-    the gradient autograd receives. An output the backward does not reach gets no gradient
+    and loss scaling; backward takes both parts' gradients from their small graphs (one engine
+    run) and adds the N x 2 objectness gradient into the class gradient's last 2 columns in
+    place (the class gradient is 0 there: those columns are masked with -inf), so the class
+    kernel's buffer is the gradient autograd receives. An output the backward does not reach gets no gradient
     (set_materialize_grads(False)). The result is the two-branch sum, in the same dtype and
     rounding, except that a -0.0 of the class gradient stays -0.0 (the zero padding made it
     +0.0). create_graph=True recomputes both parts on cls_score itself (without counting
@@ -172,7 +172,7 @@ class _Joint(torch.autograd.Function):
     The two branches remain where this does not apply (reduction='none', label_weights or
     avg_factor requiring grad, torch.compile) and below JOINT_MIN_BYTES (the output pool's
     threshold, 1 MiB): a small gradient is malloc'd without page faults and its fill and add
-    cost less than the two engine runs this backward adds (measured, thread CPU time: +8% per
+    cost less than the engine run this backward adds (measured, thread CPU time: +8% per
     call at 64 x 22, even at 1024 x 256, -8% at 1024 x 512, -11% at 2048 x 1205).
     """
 
@@ -192,32 +192,33 @@ class _Joint(torch.autograd.Function):
     def backward(ctx, g_cls, g_obj):
         if torch.is_grad_enabled():   # create_graph=True
             return _double_backward(ctx, g_cls, g_obj), None, None
-        (classes, objectness), (x, xo) = ctx.parts, ctx.leaves
-        grad, obj = _leaf_grad(classes, x, g_cls), _leaf_grad(objectness, xo, g_obj)
+        outs, gs = _reached(ctx.parts, (g_cls, g_obj))
+        if not outs:
+            return None, None, None
+        # one engine run through both parts' graphs, kept for a retain_graph=True backward
+        grad, obj = torch.autograd.grad(outs, ctx.leaves, gs, retain_graph=True,
+                                        allow_unused=True)
         if obj is not None:
             if grad is None:
-                grad = torch.zeros_like(x)
+                grad = torch.zeros_like(ctx.leaves[0])
             grad.narrow(-1, ctx.module.num_classes, 2).add_(obj)
         return grad, None, None
 
 
-def _leaf_grad(out, leaf, g):
-    """d(g . out)/d(leaf), or None when g is None or out does not depend on leaf. The part's
-    graph is kept: a retain_graph=True backward of the outer graph runs it again."""
-    if g is None or not out.requires_grad:
-        return None
-    return torch.autograd.grad(out, leaf, g, retain_graph=True, allow_unused=True)[0]
+def _reached(parts, grads) -> tuple[list, list]:
+    """(outputs, grad_outputs) of the parts the backward reached and that have a gradient."""
+    used = [(p, g) for p, g in zip(parts, grads) if g is not None and p.requires_grad]
+    return [p for p, _ in used], [g for _, g in used]
 
 
 def _double_backward(ctx, g_cls, g_obj):
     """The gradient as the two-branch form gives it, differentiable (create_graph=True)."""
     pred, c = ctx.pred, ctx.module.num_classes
-    parts = _parts(ctx.module, pred, pred.narrow(-1, c, 2), *ctx.args)
-    used = [(p, g) for p, g in zip(parts, (g_cls, g_obj)) if g is not None and p.requires_grad]
-    if not used:
+    outs, gs = _reached(_parts(ctx.module, pred, pred.narrow(-1, c, 2), *ctx.args),
+                        (g_cls, g_obj))
+    if not outs:
         return None
-    return torch.autograd.grad([p for p, _ in used], pred, [g for _, g in used],
-                               create_graph=True, allow_unused=True)[0]
+    return torch.autograd.grad(outs, pred, gs, create_graph=True, allow_unused=True)[0]
 
 
 # -- the hooks heads call -----------------------------------------------------------------------

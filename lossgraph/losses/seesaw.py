@@ -172,7 +172,7 @@ class _Joint(torch.autograd.Function):
     The two branches remain where this does not apply (reduction='none', label_weights or
     avg_factor requiring grad, torch.compile) and below JOINT_MIN_BYTES (the output pool's
     threshold, 1 MiB): a small gradient is malloc'd without page faults and its fill and add
-    cost less than the engine run this backward adds (measured, thread CPU time: +8% per
+    cost less than the engine run this backward adds (measured, thread CPU time: +10% per
     call at 64 x 22, even at 1024 x 256, -8% at 1024 x 512, -11% at 2048 x 1205).
     """
 

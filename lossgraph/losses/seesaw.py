@@ -163,10 +163,10 @@ class _Joint(torch.autograd.Function):
     and loss scaling; backward takes both parts' gradients from their small graphs (one engine
     run) and adds the N x 2 objectness gradient into the class gradient's last 2 columns in
     place (the class gradient is 0 there: those columns are masked with -inf), so the class
-    kernel's buffer is the gradient autograd receives. An output the backward does not reach gets no gradient
-    (set_materialize_grads(False)). The result is the two-branch sum, in the same dtype and
-    rounding, except that a -0.0 of the class gradient stays -0.0 (the zero padding made it
-    +0.0). create_graph=True recomputes both parts on cls_score itself (without counting
+    kernel's buffer is the gradient autograd receives. An output the backward does not reach
+    gets no gradient (set_materialize_grads(False)). The result is the two-branch sum, in the
+    same dtype and rounding, except that a -0.0 of the class gradient stays -0.0 (the zero
+    padding made it +0.0). create_graph=True recomputes both parts on cls_score itself (without counting
     again) and differentiates them as the two-branch form does.
 
     The two branches remain where this does not apply (reduction='none', label_weights or

@@ -166,8 +166,8 @@ class _Joint(torch.autograd.Function):
     kernel's buffer is the gradient autograd receives. An output the backward does not reach
     gets no gradient (set_materialize_grads(False)). The result is the two-branch sum, in the
     same dtype and rounding, except that a -0.0 of the class gradient stays -0.0 (the zero
-    padding made it +0.0). create_graph=True recomputes both parts on cls_score itself (without counting
-    again) and differentiates them as the two-branch form does.
+    padding made it +0.0). create_graph=True recomputes both parts on cls_score itself
+    (without counting again) and differentiates them as the two-branch form does.
 
     The two branches remain where this does not apply (reduction='none', label_weights or
     avg_factor requiring grad, torch.compile) and below JOINT_MIN_BYTES (the output pool's

@@ -189,8 +189,8 @@ def test_huge_logit_rows_are_as_exact_as_torch(name):
         ref, ref_g = _eager_grad(fn, x.double(), *(a.double() if a.is_floating_point() else a
                                                    for a in args))
         t32, t32_g = _eager_grad(fn, x, *args)
-        assert _as_exact(_rel(loss, ref), _rel(t32, ref), 0.0), (name, scale)
-        assert _as_exact(_rel(grad, ref_g), _rel(t32_g, ref_g), 0.0), (name, scale)
+        assert _as_exact(_rel(loss, ref), _rel(t32, ref)), (name, scale)
+        assert _as_exact(_rel(grad, ref_g), _rel(t32_g, ref_g)), (name, scale)
 
 
 @pytest.mark.parametrize("name,k", [("ce", 4), ("dfl", 4), ("kd", 4), ("ce", 200), ("kd", 200)])
@@ -209,9 +209,8 @@ def test_inf_and_nan_rows_match_torch(name, k):
 
 def test_seesaw_huge_logit_rows_are_as_exact_as_torch(monkeypatch):
     """test_rows' Seesaw bound on the CUDA kernel: no larger than the float32 eager reference's
-    error, within the 2-ulp floor (Note [As exact as torch]: that reference returns its mean in
-    float64, which a float32 output cannot match at 1e30); a background row with NaN class logits
-    gets no gradient."""
+    error, strictly (Note [As exact as torch]); a background row with NaN class logits gets no
+    gradient."""
     import reference_stateful
     from test_rows import NAN, SCALES, _as_exact, _big_rows, _rel, _seesaw_ref
     monkeypatch.setattr(reference_stateful, "softmax_ce",

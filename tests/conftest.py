@@ -25,10 +25,18 @@ collect_ignore = [] if all(importlib.util.find_spec(m) for m in ("mmdet", "mmeng
 
 
 def pytest_configure(config):
-    """Point LOSSGRAPH_CACHE_DIR at a fresh folder for this session; never dump by accident."""
+    """Point LOSSGRAPH_CACHE_DIR at a fresh folder for this session; never dump by accident.
+
+    Under pytest-xdist the controller makes the folder and its workers share it (the cache is
+    safe for concurrent processes, Note [Cache trust]), so a kernel that tests in two workers
+    use is compiled once: compiling is most of the suite's time."""
     global _CACHE_DIR
-    _CACHE_DIR = tempfile.mkdtemp(prefix="lossgraph-test-cache-")
-    os.environ["LOSSGRAPH_CACHE_DIR"] = _CACHE_DIR
+    shared = os.environ.get("LOSSGRAPH_TEST_CACHE_DIR")
+    if shared and hasattr(config, "workerinput"):
+        os.environ["LOSSGRAPH_CACHE_DIR"] = shared     # the controller removes it
+    else:
+        _CACHE_DIR = tempfile.mkdtemp(prefix="lossgraph-test-cache-")
+        os.environ["LOSSGRAPH_CACHE_DIR"] = os.environ["LOSSGRAPH_TEST_CACHE_DIR"] = _CACHE_DIR
     for var in ("LOSSGRAPH_DUMP_DIR", "LOSSGRAPH_DISABLE_CACHE"):
         os.environ.pop(var, None)
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
@@ -37,6 +45,7 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _CACHE_DIR:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+        os.environ.pop("LOSSGRAPH_TEST_CACHE_DIR", None)
 
 
 def pytest_collection_modifyitems(config, items):
